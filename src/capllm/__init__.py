@@ -1,0 +1,16 @@
+"""capllm — post-training compression of LLMs: low-rank + sparse with global allocation (CAP).
+
+Library entry points::
+
+    model, tok = capllm.load_model("smollm2-135m")
+    result = capllm.compress(model, tok, capllm.CompressConfig(method="wanda", ratio=0.5))
+    ppl = capllm.evaluate_perplexity(model, tok, capllm.PerplexityConfig(dataset="wikitext2"))
+"""
+
+from capllm.data.calibration import CalibrationConfig
+from capllm.errors import CapllmError
+from capllm.eval.perplexity import PerplexityConfig, evaluate_perplexity
+from capllm.models.loader import load_model
+from capllm.pipeline import CompressConfig, compress
+
+__all__ = ["CalibrationConfig", "CapllmError", "CompressConfig", "PerplexityConfig", "compress", "evaluate_perplexity", "load_model"]

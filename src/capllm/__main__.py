@@ -1,0 +1,5 @@
+import sys
+
+from capllm.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""The compress job end to end: load, evaluate dense, compress, evaluate, write result.json.
+
+``compress(model, tokenizer, cfg)`` is the library entry point (compresses in place and returns
+the result dict); ``run_compress_job`` is what ``capllm compress`` does around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capllm.data.calibration import CalibrationConfig, load_calibration
+from capllm.data.sources import load_text
+from capllm.engine.context import CompressionContext
+from capllm.errors import CapllmError
+from capllm.eval.perplexity import PerplexityConfig, evaluate_perplexity
+from capllm.methods.base import Structure, get_method
+from capllm.models.layers import count_params, find_linears
+from capllm.models.loader import DEFAULT_MODEL, load_model
+from capllm.results import capllm_version, environment, params_block
+from capllm.utils import StageTimer, atomic_dir, cache_dir, peak_cuda_mb, peak_rss_mb, resolve_device, write_json_atomic
+
+DEFAULT_METHOD = "wanda"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    method: str = DEFAULT_METHOD
+    ratio: float = 0.5
+    structure: str | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    device: str = "auto"
+    options: tuple[tuple[str, Any], ...] = ()
+    progress: bool = True
+
+
+def build_method(cfg: CompressConfig):
+    """Validate the method, ratio, structure and options before any expensive work."""
+    cls = get_method(cfg.method)
+    structure = Structure.parse(cfg.structure)
+    ratio = cfg.ratio
+    if not cls.uses_ratio:
+        ratio = 0.0
+    return cls(ratio, structure, dict(cfg.options))
+
+
+def check_weights_finite(model) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise CapllmError(f"the model's weight {name} contains NaN or Inf: the checkpoint is corrupt")
+
+
+def compress(model, tokenizer, cfg: CompressConfig = CompressConfig(), timer: StageTimer | None = None) -> dict[str, Any]:
+    """Compress ``model`` in place; return the result.json fields this step knows."""
+    timer = timer or StageTimer()
+    method = build_method(cfg)
+    device = resolve_device(cfg.device)
+    check_weights_finite(model)
+    whole_dense = count_params(model)
+    calib = None
+    if method.needs_calibration:
+        with timer.stage("calibration_data"):
+            calib = load_calibration(tokenizer, cfg.calibration)
+    ctx = CompressionContext(model, calib, device, progress=cfg.progress, timer=timer)
+    dense_linear = ctx.dense_linear_params
+    with timer.stage("compress"):
+        method.compress_model(ctx)
+    missing = [h.name for h in ctx.linears if h.name not in ctx.records]
+    if missing:
+        raise RuntimeError(f"method {method.name} left {len(missing)} linear layers unrecorded, e.g. {missing[0]}")
+    kept_linear = sum(r.kept_params for r in ctx.records.values())
+    return {
+        "capllm_version": capllm_version(),
+        "method": method.name,
+        "method_options": method.describe()["options"],
+        "ratio": method.ratio,
+        "structure": str(method.structure) if method.structure else None,
+        "model": getattr(model, "_capllm_source", {"name": type(model).__name__, "revision_or_path": "in-memory"}),
+        "params": params_block(dense_linear, kept_linear, whole_dense),
+        "calibration": calib.describe() if calib else None,
+        "device": str(device),
+        "layers": [ctx.records[h.name].as_dict() for h in ctx.linears],
+        **({"method_results": ctx.extra} if ctx.extra else {}),
+    }
+
+
+# --- dense perplexity cache -------------------------------------------------------------------
+
+
+def _ppl_cache_key(model_source: dict, source, pcfg: PerplexityConfig, seqlen: int | None) -> str:
+    text_hash = hashlib.sha256(source.text.encode("utf-8")).hexdigest()[:16]
+    key = json.dumps([model_source, source.name, source.split, source.origin, text_hash, seqlen, pcfg.max_windows, capllm_version()], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def dense_perplexity(model, tokenizer, pcfg: PerplexityConfig, device, progress: bool, source, use_cache: bool = True) -> dict:
+    """Evaluate the unmodified model, reusing a cached figure for the same model and protocol."""
+    path = cache_dir() / "dense-perplexity.json"
+    msrc = getattr(model, "_capllm_source", None)
+    key = _ppl_cache_key(msrc, source, pcfg, pcfg.seqlen) if (msrc and use_cache) else None
+    cache = {}
+    if key and path.exists():
+        try:
+            cache = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            cache = {}
+        if key in cache:
+            return {**cache[key], "cached": True}
+    res = evaluate_perplexity(model, tokenizer, pcfg, device=device, progress=progress, source=source)
+    if key:
+        cache[key] = res
+        write_json_atomic(path, cache)
+    return res
+
+
+# --- the CLI job ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: str = DEFAULT_MODEL
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    evaluate: bool = True
+    eval: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(max_windows=16))
+    out: str | None = None
+    dense_cache: bool = True
+
+
+def default_out_dir(model: str, method: str, ratio: float) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = Path(model).name.replace("/", "_") or "model"
+    return Path("runs") / f"{stamp}-{safe}-{method}-{ratio:g}"
+
+
+def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
+    timer = StageTimer()
+    build_method(job.compress)  # fail fast on bad method / ratio / options
+    out = Path(job.out) if job.out else default_out_dir(job.model, job.compress.method, job.compress.ratio)
+    if out.exists():
+        raise CapllmError(f"output directory {out} already exists: choose another --out or remove it")
+    device = resolve_device(job.compress.device)
+    with timer.stage("load_model"):
+        model, tokenizer = load_model(job.model)
+    eval_source = None
+    dense_ppl = None
+    if job.evaluate:
+        with timer.stage("eval_data"):
+            eval_source = load_text(job.eval.dataset, job.eval.split, job.eval.data_dir, purpose="eval")
+        if job.compress.calibration.dataset == eval_source.name and eval_source.split in ("test", "validation") and job.compress.calibration.dataset != "auto":
+            log(f"capllm: warning: calibrating and evaluating on {eval_source.name}; calibration uses its train split")
+        with timer.stage("eval_dense"):
+            dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache)
+        log(f"capllm: dense perplexity {dense_ppl['value']:.3f} on {eval_source.name}:{eval_source.split} ({dense_ppl['windows']} of {dense_ppl['windows_available']} windows × {dense_ppl['seqlen']} tokens){' [cached]' if dense_ppl.get('cached') else ''}")
+    result = compress(model, tokenizer, job.compress, timer)
+    ppl = None
+    if job.evaluate:
+        with timer.stage("eval"):
+            ppl = evaluate_perplexity(model, tokenizer, job.eval, device=device, progress=job.compress.progress, source=eval_source)
+        if not math.isfinite(ppl["value"]):
+            raise CapllmError("compressed model perplexity is not finite")
+    result.update({
+        "perplexity": ppl,
+        "perplexity_dense": dense_ppl,
+        "time_s": timer.as_dict(),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_cuda_mb": peak_cuda_mb(device),
+        "environment": environment(),
+        "eval_config": asdict(job.eval) if job.evaluate else None,
+        "out_dir": str(out),
+    })
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "result.json", result)
+    return result

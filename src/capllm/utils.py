@@ -1,0 +1,109 @@
+"""Small shared helpers: timing, peak memory, atomic directory writes, device choice."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from capllm.errors import CapllmError
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_cuda_mb(device: torch.device | str | None) -> float | None:
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated(dev) / 2**20
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` → cuda when available else cpu; anything else must be usable here."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise CapllmError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CapllmError(f"device {name!r} requested but no CUDA GPU is visible: use --device cpu")
+    return dev
+
+
+class StageTimer:
+    """Wall time per named stage; ``total`` is added by :meth:`as_dict`."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
+
+    def as_dict(self) -> dict[str, float]:
+        out = {k: round(v, 3) for k, v in self.times.items()}
+        out["total"] = round(time.perf_counter() - self._t0, 3)
+        return out
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; rename it to ``target`` on success.
+
+    On any error the temporary directory is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise CapllmError(f"output directory {target} already exists: choose another --out or remove it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON to ``path`` via a temp file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (torch.dtype, torch.device, Path)):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def cache_dir() -> Path:
+    """Root of capllm's caches: ``$CAPLLM_CACHE`` or ``~/.cache/capllm``."""
+    root = os.environ.get("CAPLLM_CACHE") or os.path.join(Path.home(), ".cache", "capllm")
+    return Path(root)
