@@ -141,7 +141,7 @@ def default_out_dir(model: str, method: str, ratio: float) -> Path:
 
 def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
     timer = StageTimer()
-    build_method(job.compress)  # fail fast on bad method / ratio / options
+    method = build_method(job.compress)  # fail fast on bad method / ratio / options
     out = Path(job.out) if job.out else default_out_dir(job.model, job.compress.method, job.compress.ratio)
     if out.exists():
         raise CapllmError(f"output directory {out} already exists: choose another --out or remove it")
@@ -153,11 +153,10 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
     if job.evaluate:
         with timer.stage("eval_data"):
             eval_source = load_text(job.eval.dataset, job.eval.split, job.eval.data_dir, purpose="eval")
-        if job.compress.calibration.dataset == eval_source.name and eval_source.split in ("test", "validation") and job.compress.calibration.dataset != "auto":
-            log(f"capllm: warning: calibrating and evaluating on {eval_source.name}; calibration uses its train split")
-        with timer.stage("eval_dense"):
-            dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache)
-        log(f"capllm: dense perplexity {dense_ppl['value']:.3f} on {eval_source.name}:{eval_source.split} ({dense_ppl['windows']} of {dense_ppl['windows_available']} windows × {dense_ppl['seqlen']} tokens){' [cached]' if dense_ppl.get('cached') else ''}")
+        if method.uses_ratio:  # the dense reference (the `dense` method is scored once, below)
+            with timer.stage("eval_dense"):
+                dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache)
+            log(f"capllm: dense perplexity {dense_ppl['value']:.3f} on {eval_source.name}:{eval_source.split} ({dense_ppl['windows']} of {dense_ppl['windows_available']} windows × {dense_ppl['seqlen']} tokens){' [cached]' if dense_ppl.get('cached') else ''}")
     result = compress(model, tokenizer, job.compress, timer)
     ppl = None
     if job.evaluate:
@@ -165,6 +164,8 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
             ppl = evaluate_perplexity(model, tokenizer, job.eval, device=device, progress=job.compress.progress, source=eval_source)
         if not math.isfinite(ppl["value"]):
             raise CapllmError("compressed model perplexity is not finite")
+        if dense_ppl is None:
+            dense_ppl = ppl
     result.update({
         "perplexity": ppl,
         "perplexity_dense": dense_ppl,

@@ -1,0 +1,56 @@
+"""``capllm compress``: compress a model, evaluate before and after, write result.json."""
+
+from __future__ import annotations
+
+import sys
+
+from capllm.cli.common import add_eval_args, parse_options
+
+HELP = "compress a model and report what it achieved"
+
+
+def add_parser(sub) -> None:
+    from capllm.models.loader import DEFAULT_MODEL
+    from capllm.pipeline import DEFAULT_METHOD
+
+    c = sub.add_parser("compress", help=HELP)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in alias, local directory, .gguf file or hub id (default {DEFAULT_MODEL})")
+    c.add_argument("--method", default=DEFAULT_METHOD, help=f"compression method (default {DEFAULT_METHOD}; see `capllm methods`)")
+    c.add_argument("--ratio", type=float, default=0.5, help="fraction of decoder-linear parameters to remove (default 0.5)")
+    c.add_argument("--structure", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (sparse methods)")
+    c.add_argument("--calib", default="auto", help="calibration text: enwiki, c4, wikitext2, boolq-passages, a path, or auto")
+    c.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    c.add_argument("--seqlen", type=int, default=512, help="calibration window length (default 512)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable (e.g. --option blocksize=64)")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    c.add_argument("--out", default=None, help="output directory (must not exist; default runs/<time>-<model>-<method>-<ratio>)")
+    c.add_argument("--eval", dest="evaluate", action="store_true", default=True, help="evaluate perplexity before and after (default)")
+    c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation")
+    c.add_argument("--max-windows", type=int, default=16, help="evaluation windows to score (default 16; 0 = all)")
+    c.add_argument("--no-dense-cache", action="store_true", help="re-evaluate the dense model even if a cached figure exists")
+    add_eval_args(c, "--eval-seqlen")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(a) -> int:
+    from capllm.data.calibration import CalibrationConfig
+    from capllm.eval.perplexity import PerplexityConfig
+    from capllm.pipeline import CompressConfig, JobConfig, run_compress_job
+    from capllm.results import summary_table
+
+    job = JobConfig(
+        model=a.model,
+        compress=CompressConfig(
+            method=a.method, ratio=a.ratio, structure=a.structure,
+            calibration=CalibrationConfig(a.calib, a.nsamples, a.seqlen, a.seed, a.data_dir),
+            device=a.device, options=parse_options(a.option), progress=not a.quiet,
+        ),
+        evaluate=a.evaluate,
+        eval=PerplexityConfig(a.dataset, a.split, a.eval_seqlen, a.max_windows or None, a.batch_size, a.data_dir),
+        out=a.out,
+        dense_cache=not a.no_dense_cache,
+    )
+    result = run_compress_job(job, log=lambda s: print(s, file=sys.stderr))
+    print(summary_table(result))
+    return 0
