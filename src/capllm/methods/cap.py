@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from capllm.allocate.final_mask import greedy_fill
 from capllm.allocate.policy import PolicyConfig, run_policy
 from capllm.allocate.pools import CandidatePools, MatrixPool
+from capllm.allocate.refit import Decision, refit_layerwise
 from capllm.allocate.scores import initial_probabilities
 from capllm.allocate.stage1 import Stage1Options, collect_grams, stage1_pools
 from capllm.errors import CapllmError
@@ -50,6 +51,8 @@ class CapOptions(Stage1Options):
     granularity: str = "candidate"  # candidate | group
     groups_per_matrix: int = 32
     seed: int = 0
+    # our addition: reconstruct the kept sparse values on the chosen support (none = the paper)
+    refit: str = "obs"  # obs | none
 
 
 def _budget(pools: CandidatePools, ratio: float) -> int:
@@ -73,17 +76,26 @@ def _allocation(pools: CandidatePools, keep: torch.Tensor, budget: int) -> list[
     return rows
 
 
-def apply_mask(ctx, pools: CandidatePools, keep: torch.Tensor) -> None:
-    """Write the selected factors and entries into the model (one module per matrix)."""
-    handles = {h.name: h for h in ctx.linears}
+def apply_mask(ctx, pools: CandidatePools, keep: torch.Tensor, refit: str = "none") -> None:
+    """Write the selected factors and entries into the model (one module per matrix).
+
+    ``refit="obs"`` re-solves the kept sparse values layer by layer (:mod:`capllm.allocate.refit`);
+    the model must then still hold its original weights.
+    """
+    decisions = {}
     for p in pools.matrices:
         U, V, S = p.compose(keep[p.offset : p.offset + p.size])
-        if U is None and S is None:
-            S = torch.zeros(p.shape)
-        cw = CompressedWeight(S=S, mask=None if S is None else S != 0, U=U, V=V, info={"rank_pool": p.rank, "nnz_pool": p.nnz})
-        if U is None:
-            cw.mask = S != 0
-        ctx.apply(handles[p.name], cw)
+        mask = torch.zeros(p.shape, dtype=torch.bool) if S is None else S != 0
+        decisions[p.name] = Decision(U, V, S, mask)
+    if refit == "obs":
+        refit_layerwise(ctx, decisions)
+        return
+    if refit != "none":
+        raise CapllmError(f"cap option refit={refit!r}: use obs or none")
+    handles = {h.name: h for h in ctx.linears}
+    for name, d in decisions.items():
+        S = d.S if d.S is not None or d.U is not None else torch.zeros(d.mask.shape)
+        ctx.apply(handles[name], CompressedWeight(S=S, mask=d.mask if S is not None else None, U=d.U, V=d.V))
 
 
 def _groups(pools: CandidatePools, cost: torch.Tensor, key: torch.Tensor, per_matrix: int) -> torch.Tensor:
@@ -107,6 +119,12 @@ class _LMLoss:
     def __init__(self, ctx, pools: CandidatePools, windows: torch.Tensor) -> None:
         self.ctx, self.pools, self.windows = ctx, pools, windows
         self.handles = {h.name: h for h in ctx.linears}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put ``W = L + S`` (the dense weights, to the RPCA tolerance) back into the model."""
+        for p in self.pools.matrices:
+            self.handles[p.name].set_weight(p.dense(torch.ones(p.size, dtype=torch.bool)))
 
     @torch.no_grad()
     def __call__(self, keep: torch.Tensor) -> float:
@@ -167,7 +185,8 @@ class Cap(Method):
         with ctx.timer.stage("stage2_final"):
             keep = greedy_fill(s, cost, budget, tiebreak=key)
         achieved = pools.kept_cost(keep)
-        apply_mask(ctx, pools, keep)
+        with ctx.timer.stage("refit" if o.refit != "none" else "apply"):
+            apply_mask(ctx, pools, keep, o.refit)
         ctx.extra.update({
             "budget": {"target": budget, "achieved": achieved, "slack": budget - achieved,
                        "max_direction_cost": max(p.direction_cost for p in pools.matrices)},
@@ -187,8 +206,16 @@ class Cap(Method):
         else:
             raise CapllmError(f"cap option loss={o.loss!r}: use lm or recon")
         pcfg = PolicyConfig(steps=o.steps, samples=o.samples, lr=o.lr, baseline=o.baseline, antithetic=o.antithetic, seed=o.seed)
+        try:
+            return self._run(pools, cost, budget, s0, key, loss, pcfg, ctx.progress)
+        finally:
+            if isinstance(loss, _LMLoss):
+                loss.restore()
+
+    def _run(self, pools, cost, budget, s0, key, loss, pcfg, progress):
+        o = self.options
         if o.granularity == "candidate":
-            res = run_policy(s0, cost, budget, loss, pcfg, ctx.progress)
+            res = run_policy(s0, cost, budget, loss, pcfg, progress)
             return res.s, res.curve
         if o.granularity != "group":
             raise CapllmError(f"cap option granularity={o.granularity!r}: use candidate or group")
@@ -196,7 +223,7 @@ class Cap(Method):
         nunits = int(unit.max()) + 1
         ucost = torch.zeros(nunits, dtype=torch.float64).index_add_(0, unit, cost.double())
         us0 = torch.zeros(nunits, dtype=torch.float64).index_add_(0, unit, (s0 * cost).double()) / ucost
-        res = run_policy(us0.float(), ucost.float(), budget, lambda um: loss(um[unit]), pcfg, ctx.progress)
+        res = run_policy(us0.float(), ucost.float(), budget, lambda um: loss(um[unit]), pcfg, progress)
         return res.s[unit], res.curve
 
 
@@ -219,7 +246,8 @@ class CapUniform(Method):
         for p in pools.matrices:
             sl = slice(p.offset, p.offset + p.size)
             keep[sl] = greedy_fill(s0[sl], cost[sl], int((1.0 - self.ratio) * p.shape[0] * p.shape[1]), tiebreak=key[sl])
-        apply_mask(ctx, pools, keep)
+        with ctx.timer.stage("refit" if o.refit != "none" else "apply"):
+            apply_mask(ctx, pools, keep, o.refit)
         ctx.extra.update({"budget": {"target": budget, "achieved": pools.kept_cost(keep)}, "pools": pools.describe(),
                           "allocation": _allocation(pools, keep, budget)})
 
@@ -227,6 +255,7 @@ class CapUniform(Method):
 @dataclass(frozen=True)
 class ThresholdOptions(Stage1Options):
     rank_share: float = 0.3  # fraction of the budget spent on singular directions
+    refit: str = "none"  # obs | none
 
 
 @register
@@ -254,7 +283,7 @@ class RpcaThreshold(Method):
         keep[is_dir] = greedy_fill(mag[is_dir], cost[is_dir], dir_budget)
         spent = int(cost[keep].double().sum())
         keep[~is_dir] = greedy_fill(mag[~is_dir], cost[~is_dir], budget - spent)
-        apply_mask(ctx, pools, keep)
+        apply_mask(ctx, pools, keep, o.refit)
         ctx.extra.update({"budget": {"target": budget, "achieved": pools.kept_cost(keep)}, "pools": pools.describe(),
                           "allocation": _allocation(pools, keep, budget)})
 
