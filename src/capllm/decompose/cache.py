@@ -1,0 +1,198 @@
+"""Stage 1 over a whole model, with a resumable per-matrix cache on disk.
+
+Layout of ``DIR``::
+
+    DIR/manifest.json                     format, model source, RPCA config (+ activation scaling),
+                                          per matrix: shape, iterations, residual, converged, rank,
+                                          nnz, seconds, file
+    DIR/<linear name>.safetensors         U (m, r), sigma (r,), V (n, r), S (m, n) — fp32;
+                                          metadata: iterations, residual, converged, lam, history
+
+Every file is written to a temporary name and renamed, the matrix's file before its manifest
+entry, so a killed run leaves only complete entries; re-running with the same configuration
+skips them. A different configuration (or model) in the same ``DIR`` is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from capllm.decompose.rpca import RPCAConfig, RPCAResult, rpca_batched
+from capllm.errors import CapllmError
+from capllm.models.layers import LinearHandle, find_linears
+from capllm.utils import write_json_atomic
+
+FORMAT = "capllm-rpca-v1"
+MANIFEST = "manifest.json"
+
+
+def _file_name(name: str) -> str:
+    return f"{name}.safetensors"
+
+
+def save_decomposition(path: str | os.PathLike, name: str, res: RPCAResult) -> None:
+    """Write one result atomically (temp file + rename)."""
+    path = Path(path)
+    tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in (("U", res.U), ("sigma", res.sigma), ("V", res.V), ("S", res.S))}
+    meta = {"format": FORMAT, "name": name, "iterations": str(res.iterations), "residual": repr(res.residual), "converged": str(bool(res.converged)),
+            "lam": repr(res.lam), "seconds": repr(res.seconds), "history": json.dumps(res.history)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_manifest(out_dir: Path) -> dict | None:
+    p = out_dir / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        man = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CapllmError(f"{p} is not a readable capllm decomposition manifest ({exc}): remove it or choose another --out") from exc
+    if man.get("format") != FORMAT:
+        raise CapllmError(f"{p} is not a {FORMAT} manifest (format {man.get('format')!r}): choose another --out")
+    return man
+
+
+def load_decomposition(out_dir: str | os.PathLike, name: str, device: torch.device | str = "cpu") -> RPCAResult:
+    """The cached :class:`RPCAResult` of linear ``name`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    man = _read_manifest(out_dir)
+    if man is None:
+        raise CapllmError(f"{out_dir} has no {MANIFEST}: run `capllm decompose --out {out_dir}` first")
+    entry = man["matrices"].get(name)
+    if entry is None:
+        raise CapllmError(f"{out_dir} has no decomposition of {name!r} ({len(man['matrices'])} matrices done): finish the run with `capllm decompose`")
+    f = out_dir / entry["file"]
+    with safe_open(str(f), framework="pt", device=str(device)) as sf:
+        meta = sf.metadata()
+        t = {k: sf.get_tensor(k) for k in ("U", "sigma", "V", "S")}
+    return RPCAResult(t["U"], t["sigma"], t["V"], t["S"], int(meta["iterations"]), float(meta["residual"]), meta["converged"] == "True",
+                      float(meta["lam"]), json.loads(meta["history"]), float(meta["seconds"]))
+
+
+def iter_decompositions(out_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Iterator[tuple[str, RPCAResult]]:
+    """``(name, RPCAResult)`` for every finished matrix, in model order."""
+    man = _read_manifest(Path(out_dir))
+    if man is None:
+        raise CapllmError(f"{out_dir} has no {MANIFEST}: run `capllm decompose --out {out_dir}` first")
+    for name in man["matrices"]:
+        yield name, load_decomposition(out_dir, name, device)
+
+
+def _groups(handles: list[LinearHandle], batch: int) -> list[list[LinearHandle]]:
+    """Same-shape, same-role matrices in batches of ``batch``, in model order of first appearance."""
+    by_key: dict[tuple, list[LinearHandle]] = {}
+    for h in handles:
+        by_key.setdefault((h.local_name, h.shape), []).append(h)
+    out = []
+    for hs in by_key.values():
+        out.extend(hs[i : i + batch] for i in range(0, len(hs), batch))
+    return out
+
+
+def _run(handles, cfg, stats, device, batch, progress, on_result) -> None:
+    bar = tqdm(total=len(handles), desc="robust PCA", unit="matrix", disable=not progress)
+    for group in _groups(handles, batch):
+        Ws = torch.stack([h.weight_copy() for h in group])
+        cs = None
+        if stats is not None:
+            missing = [h.name for h in group if h.name not in stats or stats[h.name].sq is None]
+            if missing:
+                raise CapllmError(f"no activation statistics for {missing[0]}: collect E[x²] for every decoder linear (collect_input_stats)")
+            cs = torch.stack([stats[h.name].sq.sqrt().to(torch.float32).cpu() for h in group])
+        t0 = time.perf_counter()
+        results = rpca_batched(Ws, col_scale=cs, device=device, config=cfg)
+        secs = (time.perf_counter() - t0) / len(group)
+        for h, r in zip(group, results):
+            r.seconds = secs
+            on_result(h, r)
+            bar.update(1)
+            bar.set_postfix_str(f"{h.local_name} it={r.iterations} r={r.rank}")
+    bar.close()
+
+
+def decompose_in_memory(model, cfg: RPCAConfig = RPCAConfig(), stats: dict | None = None, device: torch.device | str | None = None, batch: int = 1, progress: bool = False) -> dict[str, RPCAResult]:
+    """Stage 1 of every decoder linear, results kept in memory (small models)."""
+    handles = find_linears(model)
+    out: dict[str, RPCAResult] = {}
+    _run(handles, cfg, stats, device, batch, progress, lambda h, r: out.__setitem__(h.name, r))
+    return {h.name: out[h.name] for h in handles}
+
+
+def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: dict | None = None, progress: bool = True, device: torch.device | str | None = None,
+                    batch: int = 1, scale_info: dict | None = None, names: list[str] | None = None) -> dict:
+    """Stage 1 of every decoder linear into the resumable cache ``out_dir``; returns the manifest.
+
+    ``stats``: ``{name: InputStats}`` → activation-aware RPCA of ``W·diag(sqrt(E x²))``;
+    ``scale_info`` describes where the statistics came from (recorded, and part of the
+    configuration a resumed run must match). ``names`` restricts the run to some linears.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CapllmError(f"--out {out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = getattr(model, "_capllm_source", {"name": type(model).__name__, "revision_or_path": None})
+    config = {"rpca": cfg.to_dict(), "activation_aware": (scale_info or {"statistic": "sqrt(E[x^2])"}) if stats is not None else None}
+    man = _read_manifest(out_dir)
+    if man is None:
+        man = {"format": FORMAT, "model": source, "config": config, "matrices": {}}
+    else:
+        if man["config"] != config:
+            raise CapllmError(f"{out_dir} holds a decomposition with a different configuration ({_diff(man['config'], config)}): use another --out, or the same options to resume")
+        if man.get("model") != source:
+            raise CapllmError(f"{out_dir} holds a decomposition of another model ({man.get('model')}): use another --out")
+    handles = find_linears(model)
+    if names is not None:
+        unknown = sorted(set(names) - {h.name for h in handles})
+        if unknown:
+            raise CapllmError(f"unknown linear layer {unknown[0]!r}")
+        handles = [h for h in handles if h.name in set(names)]
+    pending = [h for h in handles if not (h.name in man["matrices"] and (out_dir / man["matrices"][h.name]["file"]).exists())]
+    if progress and len(pending) < len(handles):
+        print(f"capllm: resuming: {len(handles) - len(pending)} of {len(handles)} matrices already in {out_dir}")
+    write_json_atomic(out_dir / MANIFEST, man)
+
+    def on_result(h: LinearHandle, r: RPCAResult) -> None:
+        save_decomposition(out_dir / _file_name(h.name), h.name, r)
+        m, n = h.shape
+        man["matrices"][h.name] = {"shape": [m, n], "iterations": r.iterations, "residual": r.residual, "converged": r.converged,
+                                   "rank": r.rank, "nnz": r.nnz, "rank_fraction": round(r.rank / min(m, n), 4), "nnz_fraction": round(r.nnz / (m * n), 4),
+                                   "seconds": round(r.seconds, 3), "file": _file_name(h.name)}
+        order = {x.name: i for i, x in enumerate(find_linears(model))}
+        man["matrices"] = dict(sorted(man["matrices"].items(), key=lambda kv: order.get(kv[0], 1 << 30)))
+        write_json_atomic(out_dir / MANIFEST, man)
+
+    _run(pending, cfg, stats, device, batch, progress, on_result)
+    return man
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _diff(old: dict, new: dict) -> str:
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} there vs {b.get(k)!r} now" for k in keys[:3]) or "unknown difference"
