@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rho", type=float, default=d.rho, help=f"μ growth per iteration (default {d.rho})")
     p.add_argument("--svd", default=d.svd, choices=SVD_MODES, help=f"SVT kernel (default {d.svd})")
     p.add_argument("--batch", type=int, default=1, help="same-shape matrices decomposed together (default 1; larger helps on GPU)")
+    p.add_argument("--workers", type=int, default=None, help="matrices decomposed at once in threads (default: CPU threads on a CPU, 1 on a GPU)")
     p.add_argument("--act-aware", action="store_true", help="decompose W·diag(sqrt(E[x²])) from a dense calibration pass, then un-scale")
     p.add_argument("--calib", default="auto", help="calibration text for --act-aware: enwiki, c4, wikitext2, a path, or auto")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows for --act-aware (default 32)")
@@ -54,7 +55,7 @@ def run(a) -> int:
         stats = collect_input_stats(model, calib.windows, device, progress=not a.quiet)
         model.to("cpu")
         scale_info = {"statistic": "sqrt(E[x^2])", "calibration": calib.describe()}
-    man = decompose_model(model, cfg, a.out, stats=stats, progress=not a.quiet, device=device, batch=a.batch, scale_info=scale_info)
+    man = decompose_model(model, cfg, a.out, stats=stats, progress=not a.quiet, device=device, batch=a.batch, workers=a.workers, scale_info=scale_info)
     mats = man["matrices"].values()
     n = len(mats)
     conv = sum(1 for m in mats if m["converged"])

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from capllm.decompose.rpca import RPCAConfig, RPCAResult, rpca_batched
+from capllm.decompose.rpca import RPCAConfig, RPCAResult, map_in_threads, rpca_batched
 from capllm.errors import CapllmError
 from capllm.models.layers import LinearHandle, find_linears
 from capllm.utils import write_json_atomic
@@ -106,9 +106,18 @@ def _groups(handles: list[LinearHandle], batch: int) -> list[list[LinearHandle]]
     return out
 
 
-def _run(handles, cfg, stats, device, batch, progress, on_result) -> None:
-    bar = tqdm(total=len(handles), desc="robust PCA", unit="matrix", disable=not progress)
-    for group in _groups(handles, batch):
+def _default_workers(device) -> int:
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.get_num_threads() if dev.type == "cpu" else 1
+
+
+def _run(handles, cfg, stats, device, batch, workers, progress, on_result) -> None:
+    """Decompose ``handles`` in same-shape units of ``batch``, ``workers`` units at a time;
+    ``on_result(handle, result)`` runs in the calling thread as each unit finishes."""
+    units = _groups(handles, batch)
+    workers = _default_workers(device) if workers is None else max(1, workers)
+
+    def work(group):
         Ws = torch.stack([h.weight_copy() for h in group])
         cs = None
         if stats is not None:
@@ -116,32 +125,35 @@ def _run(handles, cfg, stats, device, batch, progress, on_result) -> None:
             if missing:
                 raise CapllmError(f"no activation statistics for {missing[0]}: collect E[x²] for every decoder linear (collect_input_stats)")
             cs = torch.stack([stats[h.name].sq.sqrt().to(torch.float32).cpu() for h in group])
-        t0 = time.perf_counter()
-        results = rpca_batched(Ws, col_scale=cs, device=device, config=cfg)
-        secs = (time.perf_counter() - t0) / len(group)
-        for h, r in zip(group, results):
-            r.seconds = secs
+        return rpca_batched(Ws, col_scale=cs, device=device, config=cfg)
+
+    bar = tqdm(total=len(handles), desc="robust PCA", unit="matrix", disable=not progress)
+    for i, results in map_in_threads(work, units, workers):
+        for h, r in zip(units[i], results):
             on_result(h, r)
             bar.update(1)
             bar.set_postfix_str(f"{h.local_name} it={r.iterations} r={r.rank}")
     bar.close()
 
 
-def decompose_in_memory(model, cfg: RPCAConfig = RPCAConfig(), stats: dict | None = None, device: torch.device | str | None = None, batch: int = 1, progress: bool = False) -> dict[str, RPCAResult]:
-    """Stage 1 of every decoder linear, results kept in memory (small models)."""
+def decompose_in_memory(model, cfg: RPCAConfig = RPCAConfig(), stats: dict | None = None, device: torch.device | str | None = None, batch: int = 1,
+                        workers: int | None = None, progress: bool = False) -> dict[str, RPCAResult]:
+    """Stage 1 of every decoder linear, results kept in memory (small models); arguments as :func:`decompose_model`."""
     handles = find_linears(model)
     out: dict[str, RPCAResult] = {}
-    _run(handles, cfg, stats, device, batch, progress, lambda h, r: out.__setitem__(h.name, r))
+    _run(handles, cfg, stats, device, batch, workers, progress, lambda h, r: out.__setitem__(h.name, r))
     return {h.name: out[h.name] for h in handles}
 
 
 def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: dict | None = None, progress: bool = True, device: torch.device | str | None = None,
-                    batch: int = 1, scale_info: dict | None = None, names: list[str] | None = None) -> dict:
+                    batch: int = 1, workers: int | None = None, scale_info: dict | None = None, names: list[str] | None = None) -> dict:
     """Stage 1 of every decoder linear into the resumable cache ``out_dir``; returns the manifest.
 
     ``stats``: ``{name: InputStats}`` → activation-aware RPCA of ``W·diag(sqrt(E x²))``;
     ``scale_info`` describes where the statistics came from (recorded, and part of the
     configuration a resumed run must match). ``names`` restricts the run to some linears.
+    ``batch`` same-shape matrices run as one batched IALM (pays on a GPU); ``workers`` such units
+    run at once in threads (default: one per CPU thread on a CPU, 1 on a GPU).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -178,7 +190,7 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
         man["matrices"] = dict(sorted(man["matrices"].items(), key=lambda kv: order.get(kv[0], 1 << 30)))
         write_json_atomic(out_dir / MANIFEST, man)
 
-    _run(pending, cfg, stats, device, batch, progress, on_result)
+    _run(pending, cfg, stats, device, batch, workers, progress, on_result)
     return man
 
 

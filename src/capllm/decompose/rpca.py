@@ -20,20 +20,24 @@ geometrically), so a sloppy SVT does not wash out: measured, float32 SVT steps c
 ``L``/``S`` by 1e-6…5e-4 (relative) and make ``S`` almost dense. Hence the state (``W, S, Y``) and
 the SVT run in float64; the results are returned in float32.
 
-Speed (all paths give the same ``L``/``S`` to ~1e-10, tested):
+Speed (all paths give the same ``L``/``S`` to ~1e-7 in fp32 outputs; tested against the plain
+reference :func:`capllm.decompose.reference.rpca_reference`):
 
 * ``svd="full"``: LAPACK SVD of ``W − S + Y/μ`` each iteration (the reference numerics).
 * ``svd="gram"``: float64 ``eigh`` of the ``n × n`` Gram matrix of the tall orientation
   (:func:`capllm.decompose.svt.spectrum_gram`) — no bidiagonalisation, mostly BLAS-3.
 * ``svd="partial"`` / ``"auto"`` (default): the rank predictor of Lin et al. (PROPACK style) —
   start with ``sv = min(10, n)``; after each step with ``svp`` values above ``1/μ``:
-  ``sv = svp + 1`` if ``svp < sv`` else ``svp + round(0.05 n)``. When ``(sv + 8)·(depth + 1) ≤ n·partial_max_frac``
-  the step computes only ``k = sv + 8`` leading pairs by a warm-started block Krylov method
-  (:func:`capllm.decompose.svt.spectrum_partial`), which is *accepted only if* its ``k``-th
-  value is already ``≤ 1/μ`` (nothing above the threshold was missed) and all Ritz pairs above
-  the threshold have residuals ``≤ 1e-11‖G‖₂``; otherwise ``k`` is doubled once and the step
-  falls back to the full Gram decomposition. On real weights ``rank(L)`` ends at 60–73 % of
-  full, so the partial step only serves the first iterations.
+  ``sv = svp + 1`` if ``svp < sv`` else ``svp + round(0.05 n)``. The step first tries only the
+  leading ``k = sv + 8`` pairs by a warm-started block Krylov method on the float64 Gram matrix
+  (:func:`capllm.decompose.svt.spectrum_partial`) whose basis may grow to
+  ``partial_max_frac · n`` (default n/2; so ``k ≤ n/8``: the rule "predicted rank small").
+  A partial result is *accepted only if* its ``k``-th value is already ``≤ 1/μ`` (nothing above
+  the threshold was missed) and every Ritz pair above the threshold has a residual
+  ``≤ 1e-12‖G‖₂``; otherwise ``k`` is doubled once, and then the step falls back to the full
+  Gram decomposition. On SmolLM2 weights ``rank(L)`` passes n/8 by the 3rd–4th iteration and
+  ends at 60–73 % of full, so the partial step serves only the first iterations; the Gram
+  path is what makes the rest cheaper than LAPACK SVD (about 2× per iteration on one core).
 
 Activation-aware option: with ``col_scale = d`` (``d_j = sqrt(E x_j²)``) the decomposition is of
 ``W·diag(d)``, then un-scaled: ``L = U diag(σ) (diag(1/d) V)ᵀ``, ``S = S'·diag(1/d)`` — ``V``
@@ -45,7 +49,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -62,15 +68,14 @@ class RPCAConfig:
 
     * ``lam``: λ; ``None`` → ``lam_scale / sqrt(max(m, n))``.
     * ``lam_scale``: multiplies the default λ (larger → sparser ``S``, higher-rank ``L``).
-    * ``tol``: stop when ``‖W − L − S‖_F / ‖W‖_F < tol``.
+    * ``tol``: stop when ``‖W − L − S‖_F / ‖W‖_F < tol`` (0: run exactly ``max_iter`` iterations).
     * ``max_iter``: iteration cap (the paper's Figure 2 uses 1, 3, 10, 100).
     * ``mu0``: initial μ; ``None`` → ``1.25 / ‖W‖₂``. ``rho``: μ growth per iteration.
       ``mu_max_factor``: ``μ_max = mu_max_factor · μ₀``. A larger ``rho`` (2–3) needs fewer
       iterations but is a different, less exact trajectory — an option, not the default.
     * ``svd``: SVT kernel, one of ``auto`` (= ``partial``), ``partial``, ``gram``, ``full`` (module docstring).
-    * ``partial_max_frac``: the partial step is tried only while its Krylov basis
-      ``(sv + 8)·(depth + 1)`` is at most this fraction of ``n``.
-    * ``krylov_depth``: block Krylov depth of the partial step.
+    * ``partial_max_frac``: the Krylov basis of the partial step may grow to this fraction of
+      ``n`` (it needs at least ``4k``); beyond, the step is a full decomposition.
     * ``dtype``: working precision of the state and SVT (``float64``; ``float32`` stalls near
       a relative residual of 1e-7 and is not exact).
     * ``seed``: seeds the random start block of the partial step (results are deterministic).
@@ -85,7 +90,6 @@ class RPCAConfig:
     mu_max_factor: float = 1e7
     svd: str = "auto"
     partial_max_frac: float = 0.5
-    krylov_depth: int = 3
     dtype: str = "float64"
     seed: int = 0
 
@@ -94,8 +98,8 @@ class RPCAConfig:
             raise CapllmError(f"unknown svd mode {self.svd!r}: use one of {', '.join(SVD_MODES)}")
         if self.dtype not in ("float64", "float32"):
             raise CapllmError(f"dtype {self.dtype!r} not supported: use float64 or float32")
-        if not (self.tol > 0 and self.max_iter >= 1 and self.rho >= 1.0 and self.lam_scale > 0 and self.mu_max_factor >= 1):
-            raise CapllmError(f"invalid RPCA options: need tol > 0, max_iter ≥ 1, rho ≥ 1, lam_scale > 0, mu_max_factor ≥ 1 (got tol={self.tol}, max_iter={self.max_iter}, rho={self.rho}, lam_scale={self.lam_scale}, mu_max_factor={self.mu_max_factor})")
+        if not (self.tol >= 0 and self.max_iter >= 1 and self.rho >= 1.0 and self.lam_scale > 0 and self.mu_max_factor >= 1):
+            raise CapllmError(f"invalid RPCA options: need tol ≥ 0, max_iter ≥ 1, rho ≥ 1, lam_scale > 0, mu_max_factor ≥ 1 (got tol={self.tol}, max_iter={self.max_iter}, rho={self.rho}, lam_scale={self.lam_scale}, mu_max_factor={self.mu_max_factor})")
         if self.lam is not None and not self.lam > 0:
             raise CapllmError(f"lam must be positive (got {self.lam})")
         if self.mu0 is not None and not self.mu0 > 0:
@@ -236,15 +240,18 @@ def _ialm(W: torch.Tensor, lam: torch.Tensor, cfg: RPCAConfig, progress_cb=None)
 
     for it in range(1, cfg.max_iter + 1):
         inv_mu = (1.0 / mu).view(-1, 1, 1)
-        X = W - S + Y * inv_mu
+        A = torch.addcmul(W, Y, inv_mu)  # W + Y/μ
+        X = A - S
         spec, kind = _svt_step(X, 1.0 / mu, cfg, sv, V_prev, gen)
         L, _ = apply_svt(X, spec, 1.0 / mu)
-        T = W - L + Y * inv_mu
+        T = A.sub_(L)  # W − L + Y/μ
         thr = (lam / mu).view(-1, 1, 1)
-        S = torch.sign(T) * (T.abs() - thr).clamp_min(0)
-        Z = W - L - S
-        Y = Y + mu.view(-1, 1, 1) * Z
-        res = (torch.linalg.matrix_norm(Z.to(torch.float64)) / normF).cpu()
+        C = torch.clamp(T, -thr, thr)
+        S = T.sub_(C)  # shrink_{λ/μ}(T) = T − clip(T, ±λ/μ)
+        Z = torch.addcmul(C, Y, inv_mu, value=-1)  # W − L − S = clip(T) − Y/μ
+        res = (torch.linalg.vector_norm(Z.to(torch.float64), dim=(-2, -1)) / normF).cpu()
+        del Z
+        Y = C.mul_(mu.view(-1, 1, 1))  # Y + μ(W − L − S) = μ·clip(T)
         svp = (spec.sigma > (1.0 / mu).view(-1, 1).to(spec.sigma.dtype)).sum(-1)
         nnz = torch.count_nonzero(S, dim=(-2, -1)).cpu()
         for j, b in enumerate(idx):
@@ -291,32 +298,27 @@ def _resolve_config(config: RPCAConfig | None, overrides: dict) -> RPCAConfig:
     return config
 
 
-def rpca_batched(
-    Ws: torch.Tensor,
-    lam: float | None = None,
-    max_iter: int = RPCAConfig.max_iter,
-    tol: float = RPCAConfig.tol,
-    mu0: float | None = None,
-    rho: float = RPCAConfig.rho,
-    lam_scale: float = RPCAConfig.lam_scale,
-    col_scale: torch.Tensor | None = None,
-    svd: str = RPCAConfig.svd,
-    device: torch.device | str | None = None,
-    mu_max_factor: float = RPCAConfig.mu_max_factor,
-    partial_max_frac: float = RPCAConfig.partial_max_frac,
-    krylov_depth: int = RPCAConfig.krylov_depth,
-    dtype: str = RPCAConfig.dtype,
-    seed: int = RPCAConfig.seed,
-    config: RPCAConfig | None = None,
-) -> list[RPCAResult]:
-    """Robust PCA of every matrix of a same-shape stack ``Ws (B, m, n)`` (one IALM per matrix,
-    run together so each step is one batched kernel). ``col_scale (B, n)``: activation-aware
-    scales per matrix. Options as :class:`RPCAConfig` (or pass ``config=``). Results are fp32 on
-    ``device`` (default: the device of ``Ws``)."""
-    cfg = _resolve_config(config, dict(lam=lam, max_iter=max_iter, tol=tol, mu0=mu0, rho=rho, lam_scale=lam_scale, svd=svd, mu_max_factor=mu_max_factor, partial_max_frac=partial_max_frac, krylov_depth=krylov_depth, dtype=dtype, seed=seed))
-    _check_matrix_stack(Ws, "weight stack", batched=True)
+def map_in_threads(fn, items: list, workers: int) -> Iterator[tuple[int, object]]:
+    """``(index, fn(item))`` in completion order, ``workers`` Python threads at a time.
+
+    Each worker gets ``max(1, torch.get_num_threads() // workers)`` intra-op threads (a per-thread
+    setting), so the caller's total stays the same: on a CPU, whole matrices in parallel scale
+    far better than one matrix's LAPACK calls on several threads, and do not collapse when the
+    machine is busy. LAPACK/BLAS release the GIL.
+    """
+    if workers <= 1 or len(items) <= 1:
+        for i, it in enumerate(items):
+            yield i, fn(it)
+        return
+    intra = max(1, torch.get_num_threads() // workers)
+    with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(intra,)) as pool:
+        futures = {pool.submit(fn, it): i for i, it in enumerate(items)}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+
+def _decompose_stack(Ws: torch.Tensor, col_scale: torch.Tensor | None, cfg: RPCAConfig, dev: torch.device) -> list[RPCAResult]:
     B, m, n = Ws.shape
-    dev = torch.device(device) if device is not None else Ws.device
     wdt = torch.float64 if cfg.dtype == "float64" else torch.float32
     t0 = time.perf_counter()
     W = Ws.to(device=dev, dtype=wdt)
@@ -342,6 +344,48 @@ def rpca_batched(
     return results
 
 
+def rpca_batched(
+    Ws: torch.Tensor,
+    lam: float | None = None,
+    max_iter: int = RPCAConfig.max_iter,
+    tol: float = RPCAConfig.tol,
+    mu0: float | None = None,
+    rho: float = RPCAConfig.rho,
+    lam_scale: float = RPCAConfig.lam_scale,
+    col_scale: torch.Tensor | None = None,
+    svd: str = RPCAConfig.svd,
+    device: torch.device | str | None = None,
+    mu_max_factor: float = RPCAConfig.mu_max_factor,
+    partial_max_frac: float = RPCAConfig.partial_max_frac,
+    dtype: str = RPCAConfig.dtype,
+    seed: int = RPCAConfig.seed,
+    threads: int = 1,
+    config: RPCAConfig | None = None,
+) -> list[RPCAResult]:
+    """Robust PCA of every matrix of a same-shape stack ``Ws (B, m, n)``; one IALM per matrix.
+
+    On a GPU (or with ``threads=1``) the stack runs together, each step one batched kernel. On a
+    CPU with ``threads > 1`` the matrices are spread over that many worker threads
+    (:func:`map_in_threads`) — the faster choice there, since CPU LAPACK loops over a batch anyway.
+    ``col_scale (B, n)``: activation-aware scales per matrix. Options as :class:`RPCAConfig` (or
+    ``config=``). Results are fp32 on ``device`` (default: the device of ``Ws``).
+    """
+    cfg = _resolve_config(config, dict(lam=lam, max_iter=max_iter, tol=tol, mu0=mu0, rho=rho, lam_scale=lam_scale, svd=svd, mu_max_factor=mu_max_factor, partial_max_frac=partial_max_frac, dtype=dtype, seed=seed))
+    _check_matrix_stack(Ws, "weight stack", batched=True)
+    B, m, n = Ws.shape
+    dev = torch.device(device) if device is not None else Ws.device
+    if col_scale is not None:
+        col_scale = _check_scale(col_scale, B, n, batched=True)
+    if threads > 1 and dev.type == "cpu" and B > 1:
+        cs = col_scale
+        one = lambda b: _decompose_stack(Ws[b : b + 1], None if cs is None else cs[b : b + 1], cfg, dev)[0]
+        out: list = [None] * B
+        for b, r in map_in_threads(one, list(range(B)), threads):
+            out[b] = r
+        return out
+    return _decompose_stack(Ws, col_scale, cfg, dev)
+
+
 def rpca(
     W: torch.Tensor,
     lam: float | None = None,
@@ -355,7 +399,6 @@ def rpca(
     device: torch.device | str | None = None,
     mu_max_factor: float = RPCAConfig.mu_max_factor,
     partial_max_frac: float = RPCAConfig.partial_max_frac,
-    krylov_depth: int = RPCAConfig.krylov_depth,
     dtype: str = RPCAConfig.dtype,
     seed: int = RPCAConfig.seed,
     config: RPCAConfig | None = None,
@@ -365,4 +408,4 @@ def rpca(
     cs = None
     if col_scale is not None:
         cs = _check_scale(col_scale, 1, W.shape[1], batched=False)
-    return rpca_batched(W.unsqueeze(0), lam, max_iter, tol, mu0, rho, lam_scale, cs, svd, device, mu_max_factor, partial_max_frac, krylov_depth, dtype, seed, config)[0]
+    return rpca_batched(W.unsqueeze(0), lam, max_iter, tol, mu0, rho, lam_scale, cs, svd, device, mu_max_factor, partial_max_frac, dtype, seed, 1, config)[0]

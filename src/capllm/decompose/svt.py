@@ -125,5 +125,8 @@ def apply_svt(X: torch.Tensor, spec: Spectrum, tau: torch.Tensor) -> tuple[torch
     shrunk = (s - tau).clamp_min(0)
     if spec.U is not None:
         return (spec.U[..., :r] * shrunk.unsqueeze(-2).to(X.dtype)) @ V.mT, r
-    w = torch.where(s > tau, shrunk / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
-    return ((X @ V) * w.unsqueeze(-2).to(X.dtype)) @ V.mT, r
+    w = torch.where(s > tau, shrunk / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s)).to(X.dtype)
+    m, n = X.shape[-2:]
+    if n * r + m * n < 2 * m * r:  # fewer flops: L = X·(V diag(w) Vᵀ)
+        return X @ ((V * w.unsqueeze(-2)) @ V.mT), r
+    return ((X @ V) * w.unsqueeze(-2)) @ V.mT, r
