@@ -250,3 +250,28 @@ def test_cli_decompose_resume_and_act_aware(tiny_model_dir, text_file, tmp_path,
     assert man["config"]["activation_aware"]["calibration"]["nsamples"] == 2
     res = load_decomposition(out2, "model.layers.0.mlp.down_proj")
     assert res.S.shape == (64, 128) and res.V.shape[0] == 128
+
+
+def test_col_scales_config_tolerates_noise_but_not_a_change(tmp_path):
+    from capllm.models.layers import find_linears
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    scales = {h.name: torch.rand(h.shape[1], generator=g) + 0.5 for h in find_linears(model)}
+    cfg = RPCAConfig(max_iter=4)
+    out = tmp_path / "aa"
+    names = list(scales)
+    decompose_model(model, cfg, out, col_scales=scales, names=names[:2], progress=False)
+    noisy = {k: v * (1 + 1e-7) for k, v in scales.items()}  # recomputed statistics: last-bit noise
+    man = decompose_model(model, cfg, out, col_scales=noisy, progress=False)
+    assert len(man["matrices"]) == len(names)
+    res = load_decomposition(out, names[0])
+    W = find_linears(model)[0].weight_copy()
+    assert rel(res.L() + res.S, W) < 0.2 and rel(res.L() * scales[names[0]], rpca(W * scales[names[0]], max_iter=4).L()) < 1e-5
+    changed = {k: v * 1.01 for k, v in scales.items()}
+    with pytest.raises(CapllmError, match="different configuration"):
+        decompose_model(model, cfg, out, col_scales=changed, progress=False)
+    with pytest.raises(CapllmError, match="different configuration"):
+        decompose_model(model, cfg, out, progress=False)  # not activation-aware
+    with pytest.raises(CapllmError, match="inputs"):
+        decompose_model(model, cfg, tmp_path / "bad", col_scales={k: v[:-1] for k, v in scales.items()}, progress=False)

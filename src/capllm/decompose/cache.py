@@ -111,7 +111,7 @@ def _default_workers(device) -> int:
     return torch.get_num_threads() if dev.type == "cpu" else 1
 
 
-def _run(handles, cfg, stats, device, batch, workers, progress, on_result) -> None:
+def _run(handles, cfg, scales, device, batch, workers, progress, on_result) -> None:
     """Decompose ``handles`` in same-shape units of ``batch``, ``workers`` units at a time;
     ``on_result(handle, result)`` runs in the calling thread as each unit finishes."""
     units = _groups(handles, batch)
@@ -119,12 +119,7 @@ def _run(handles, cfg, stats, device, batch, workers, progress, on_result) -> No
 
     def work(group):
         Ws = torch.stack([h.weight_copy() for h in group])
-        cs = None
-        if stats is not None:
-            missing = [h.name for h in group if h.name not in stats or stats[h.name].sq is None]
-            if missing:
-                raise CapllmError(f"no activation statistics for {missing[0]}: collect E[x²] for every decoder linear (collect_input_stats)")
-            cs = torch.stack([stats[h.name].sq.sqrt().to(torch.float32).cpu() for h in group])
+        cs = None if scales is None else torch.stack([scales[h.name] for h in group])
         return rpca_batched(Ws, col_scale=cs, device=device, config=cfg)
 
     bar = tqdm(total=len(handles), desc="robust PCA", unit="matrix", disable=not progress)
@@ -136,22 +131,49 @@ def _run(handles, cfg, stats, device, batch, workers, progress, on_result) -> No
     bar.close()
 
 
+def column_scales(handles: list[LinearHandle], stats: dict | None = None, col_scales: dict | None = None) -> dict[str, torch.Tensor] | None:
+    """``{name: d (n,)}`` fp32 on CPU from ``stats`` (``d = sqrt(E x²)``) or given ``col_scales``."""
+    if stats is not None and col_scales is not None:
+        raise CapllmError("pass either stats or col_scales, not both")
+    if stats is None and col_scales is None:
+        return None
+    out = {}
+    for h in handles:
+        if stats is not None:
+            st = stats.get(h.name)
+            if st is None or st.sq is None:
+                raise CapllmError(f"no activation statistics for {h.name}: collect E[x²] for every decoder linear (capllm.engine.collect.collect_input_stats)")
+            d = st.sq.clamp_min(0).sqrt()
+        else:
+            d = col_scales.get(h.name)
+            if d is None:
+                raise CapllmError(f"no column scales for {h.name}: give one per decoder linear")
+        d = d.detach().to("cpu", torch.float32).reshape(-1)
+        if d.numel() != h.shape[1]:
+            raise CapllmError(f"column scales for {h.name} have {d.numel()} entries, the layer has {h.shape[1]} inputs")
+        out[h.name] = d
+    return out
+
+
 def decompose_in_memory(model, cfg: RPCAConfig = RPCAConfig(), stats: dict | None = None, device: torch.device | str | None = None, batch: int = 1,
-                        workers: int | None = None, progress: bool = False) -> dict[str, RPCAResult]:
+                        workers: int | None = None, progress: bool = False, col_scales: dict | None = None) -> dict[str, RPCAResult]:
     """Stage 1 of every decoder linear, results kept in memory (small models); arguments as :func:`decompose_model`."""
     handles = find_linears(model)
     out: dict[str, RPCAResult] = {}
-    _run(handles, cfg, stats, device, batch, workers, progress, lambda h, r: out.__setitem__(h.name, r))
+    _run(handles, cfg, column_scales(handles, stats, col_scales), device, batch, workers, progress, lambda h, r: out.__setitem__(h.name, r))
     return {h.name: out[h.name] for h in handles}
 
 
 def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: dict | None = None, progress: bool = True, device: torch.device | str | None = None,
-                    batch: int = 1, workers: int | None = None, scale_info: dict | None = None, names: list[str] | None = None) -> dict:
+                    batch: int = 1, workers: int | None = None, scale_info: dict | None = None, names: list[str] | None = None,
+                    col_scales: dict | None = None) -> dict:
     """Stage 1 of every decoder linear into the resumable cache ``out_dir``; returns the manifest.
 
-    ``stats``: ``{name: InputStats}`` → activation-aware RPCA of ``W·diag(sqrt(E x²))``;
-    ``scale_info`` describes where the statistics came from (recorded, and part of the
-    configuration a resumed run must match). ``names`` restricts the run to some linears.
+    ``stats``: ``{name: InputStats}`` → activation-aware RPCA of ``W·diag(sqrt(E x²))``; or
+    ``col_scales``: ``{name: d (n,)}`` given directly. ``scale_info`` describes where the scales
+    came from (recorded). A resumed run must match the configuration, including the scales
+    (their per-matrix norms, to 1e-4 relative, so bit-level noise in recomputed statistics does
+    not block a resume). ``names`` restricts the run to some linears.
     ``batch`` same-shape matrices run as one batched IALM (pays on a GPU); ``workers`` such units
     run at once in threads (default: one per CPU thread on a CPU, 1 on a GPU).
     """
@@ -160,16 +182,22 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
         raise CapllmError(f"--out {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     source = getattr(model, "_capllm_source", {"name": type(model).__name__, "revision_or_path": None})
-    config = {"rpca": cfg.to_dict(), "activation_aware": (scale_info or {"statistic": "sqrt(E[x^2])"}) if stats is not None else None}
+    all_handles = find_linears(model)
+    scales = column_scales(all_handles, stats, col_scales)
+    aa = None
+    if scales is not None:
+        aa = dict(scale_info or {"statistic": "sqrt(E[x^2])" if stats is not None else "caller-provided column scales"})
+        aa["scale_norms"] = {name: float(d.norm()) for name, d in scales.items()}
+    config = {"rpca": cfg.to_dict(), "activation_aware": aa}
     man = _read_manifest(out_dir)
     if man is None:
         man = {"format": FORMAT, "model": source, "config": config, "matrices": {}}
     else:
-        if man["config"] != config:
+        if not _same_config(man["config"], config):
             raise CapllmError(f"{out_dir} holds a decomposition with a different configuration ({_diff(man['config'], config)}): use another --out, or the same options to resume")
         if man.get("model") != source:
             raise CapllmError(f"{out_dir} holds a decomposition of another model ({man.get('model')}): use another --out")
-    handles = find_linears(model)
+    handles = all_handles
     if names is not None:
         unknown = sorted(set(names) - {h.name for h in handles})
         if unknown:
@@ -186,12 +214,25 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
         man["matrices"][h.name] = {"shape": [m, n], "iterations": r.iterations, "residual": r.residual, "converged": r.converged,
                                    "rank": r.rank, "nnz": r.nnz, "rank_fraction": round(r.rank / min(m, n), 4), "nnz_fraction": round(r.nnz / (m * n), 4),
                                    "seconds": round(r.seconds, 3), "file": _file_name(h.name)}
-        order = {x.name: i for i, x in enumerate(find_linears(model))}
+        order = {x.name: i for i, x in enumerate(all_handles)}
         man["matrices"] = dict(sorted(man["matrices"].items(), key=lambda kv: order.get(kv[0], 1 << 30)))
         write_json_atomic(out_dir / MANIFEST, man)
 
-    _run(pending, cfg, stats, device, batch, workers, progress, on_result)
+    _run(pending, cfg, scales, device, batch, workers, progress, on_result)
     return man
+
+
+def _same_config(old: dict, new: dict) -> bool:
+    a, b = _flatten(old), _flatten(new)
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        if ".scale_norms." in k and isinstance(a[k], float) and isinstance(b[k], float):
+            if abs(a[k] - b[k]) > 1e-4 * max(abs(a[k]), abs(b[k]), 1e-30):
+                return False
+        elif a[k] != b[k]:
+            return False
+    return True
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -207,4 +248,5 @@ def _flatten(d, prefix: str = "") -> dict:
 def _diff(old: dict, new: dict) -> str:
     a, b = _flatten(old), _flatten(new)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    keys = [k for k in keys if ".scale_norms." not in k] + [k for k in keys if ".scale_norms." in k]
     return ", ".join(f"{k}: {a.get(k)!r} there vs {b.get(k)!r} now" for k in keys[:3]) or "unknown difference"
