@@ -87,3 +87,21 @@ def test_stage1_cache_is_reused(tmp_path):
     get_method("cap")(0.5, None, opts).compress_model(ctx2)
     assert {r.name: r.kept_params for r in ctx2.records.values()} == first
     assert {f: f.stat().st_mtime_ns for f in files} == stamps  # nothing was decomposed again
+
+
+def test_cli_cap_with_plot(tiny_model_dir, text_file, tmp_path):
+    import json
+
+    from capllm.cli.main import main
+
+    out = tmp_path / "cap"
+    rc = main(["compress", "--model", str(tiny_model_dir), "--method", "cap", "--ratio", "0.5", "--calib", str(text_file),
+               "--nsamples", "4", "--seqlen", "32", "--dataset", str(text_file), "--eval-seqlen", "64", "--max-windows", "2",
+               "--device", "cpu", "--out", str(out), "--quiet", "--plot",
+               "--option", "steps=1", "--option", "samples=2", "--option", "policy_windows=2", "--option", "rpca_tol=1e-5"])
+    assert rc == 0
+    res = json.loads((out / "result.json").read_text())
+    alloc = res["method_results"]["allocation"]
+    assert sum(a["kept_params"] for a in alloc) == res["params"]["kept_linear"] <= res["params"]["dense_linear"] // 2
+    assert (out / "allocation.png").stat().st_size > 10_000
+    assert "stage1_rpca" in res["time_s"] and "stage2_policy" in res["time_s"]
