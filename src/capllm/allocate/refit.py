@@ -47,6 +47,8 @@ class _RefitCompressor:
         if bool(d.mask.any()):
             S, keep, _ = sparsegpt_prune(R, self.stats.gram, 0.0, blocksize=self.blocksize, percdamp=self.percdamp, keep_mask=d.mask)
             S = S * keep
+        elif d.U is None:  # the allocation kept nothing of this matrix
+            S = torch.zeros_like(weight)
         return CompressedWeight(S=S, mask=d.mask if S is not None else None, U=d.U, V=d.V, info={"refit": "obs"})
 
     def free(self) -> None:

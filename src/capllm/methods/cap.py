@@ -28,8 +28,8 @@ from capllm.allocate.final_mask import greedy_fill
 from capllm.allocate.policy import PolicyConfig, run_policy
 from capllm.allocate.pools import CandidatePools, MatrixPool
 from capllm.allocate.refit import Decision, refit_layerwise
-from capllm.allocate.scores import initial_probabilities
-from capllm.allocate.stage1 import Stage1Options, collect_grams, stage1_pools
+from capllm.allocate.scores import initial_probabilities, value_per_cost
+from capllm.allocate.stage1 import Stage1Options, collect_grams, collect_output_grad_sq, stage1_pools
 from capllm.errors import CapllmError
 from capllm.methods.base import CompressedWeight, Method, register
 
@@ -37,8 +37,8 @@ from capllm.methods.base import CompressedWeight, Method, register
 @dataclass(frozen=True)
 class CapOptions(Stage1Options):
     # initial scores
-    score: str = "activation"  # activation | magnitude | constant
-    normalize: str = "matrix"  # matrix | none
+    score: str = "fisher"  # fisher | activation | magnitude | constant
+    normalize: str = "auto"  # matrix | none | auto (none for fisher, whose scores are in loss units; else matrix)
     temperature: float = 0.5
     # policy (paper: 3 steps, lr 0.05, moving-average baseline over 5)
     steps: int = 3
@@ -53,6 +53,17 @@ class CapOptions(Stage1Options):
     seed: int = 0
     # our addition: reconstruct the kept sparse values on the chosen support (none = the paper)
     refit: str = "obs"  # obs | none
+
+
+def _normalize(o) -> str:
+    return ("none" if o.score == "fisher" else "matrix") if o.normalize == "auto" else o.normalize
+
+
+def _statistics(ctx, o) -> tuple[dict | None, dict | None]:
+    """Input second moments (full when a score or loss needs them) and output-gradient moments."""
+    grams = collect_grams(ctx, full=o.score in ("activation", "fisher") or getattr(o, "loss", "") == "recon") if (o.score != "constant" or o.act_aware or getattr(o, "loss", "") == "recon") else None
+    gsq = collect_output_grad_sq(ctx) if o.score == "fisher" else None
+    return grams, gsq
 
 
 def _budget(pools: CandidatePools, ratio: float) -> int:
@@ -168,7 +179,7 @@ class Cap(Method):
         if ctx.calibration is None:
             raise CapllmError("cap needs calibration data")
         with ctx.timer.stage("stage1_stats"):
-            grams = collect_grams(ctx, full=o.score == "activation" or o.loss == "recon")
+            grams, gsq = _statistics(ctx, o)
         originals = {h.name: h.weight_copy() for h in ctx.linears} if o.loss == "recon" else None
         with ctx.timer.stage("stage1_rpca"):
             pools = stage1_pools(ctx, o, grams)
@@ -176,14 +187,16 @@ class Cap(Method):
         _check_budget(pools, budget)
         with ctx.timer.stage("stage2_scores"):
             cost = pools.costs()
-            s0, key = initial_probabilities(pools, cost, budget, o.score, grams, o.normalize, o.temperature)
-        keep0 = greedy_fill(s0, cost, budget, tiebreak=key)
-        curve, s = [], s0
+            key = value_per_cost(pools, cost, o.score, grams, _normalize(o), gsq)
+        with ctx.timer.stage("stage2_final"):
+            keep0 = greedy_fill(key, cost, budget)  # the mask of the initial scores (0 policy steps)
+        curve, keep = [], keep0
         if o.steps > 0:
             with ctx.timer.stage("stage2_policy"):
+                s0, _ = initial_probabilities(pools, cost, budget, o.score, temperature=o.temperature, vpc=key)
                 s, curve = self._train(ctx, pools, cost, budget, s0, key, grams, originals)
-        with ctx.timer.stage("stage2_final"):
-            keep = greedy_fill(s, cost, budget, tiebreak=key)
+            with ctx.timer.stage("stage2_final"):
+                keep = greedy_fill(s, cost, budget, tiebreak=key)
         achieved = pools.kept_cost(keep)
         with ctx.timer.stage("refit" if o.refit != "none" else "apply"):
             apply_mask(ctx, pools, keep, o.refit)
@@ -236,16 +249,17 @@ class CapUniform(Method):
     def compress_model(self, ctx) -> None:
         o = self.options
         with ctx.timer.stage("stage1_stats"):
-            grams = collect_grams(ctx, full=o.score == "activation")
+            grams, gsq = _statistics(ctx, o)
         with ctx.timer.stage("stage1_rpca"):
             pools = stage1_pools(ctx, o, grams)
         budget = _budget(pools, self.ratio)
         cost = pools.costs()
-        s0, key = initial_probabilities(pools, cost, budget, o.score, grams, o.normalize, o.temperature)
+        with ctx.timer.stage("stage2_scores"):
+            key = value_per_cost(pools, cost, o.score, grams, _normalize(o), gsq)
         keep = torch.zeros(pools.size, dtype=torch.bool)
         for p in pools.matrices:
             sl = slice(p.offset, p.offset + p.size)
-            keep[sl] = greedy_fill(s0[sl], cost[sl], int((1.0 - self.ratio) * p.shape[0] * p.shape[1]), tiebreak=key[sl])
+            keep[sl] = greedy_fill(key[sl], cost[sl], int((1.0 - self.ratio) * p.shape[0] * p.shape[1]))
         with ctx.timer.stage("refit" if o.refit != "none" else "apply"):
             apply_mask(ctx, pools, keep, o.refit)
         ctx.extra.update({"budget": {"target": budget, "achieved": pools.kept_cost(keep)}, "pools": pools.describe(),
