@@ -202,20 +202,32 @@ def _update_predictor(sv: torch.Tensor, svp: torch.Tensor, n: int) -> torch.Tens
     return torch.where(svp < sv, svp + 1, grow).clamp(max=n)
 
 
-def _svt_step(X, tau, cfg: RPCAConfig, sv, V_prev, gen):
-    """One thresholding step for the active stack: returns (Spectrum, kind)."""
+def _svt_step(X, tau, cfg: RPCAConfig, sv, V_prev, gen, state: dict):
+    """One thresholding step for the active stack: returns (Spectrum, kind).
+
+    After a partial step fails to converge (the spectrum at the threshold is too dense for the
+    Krylov budget) the next ``2^f`` steps skip it (``f`` = failures so far), so failed attempts
+    cost little on real weights, where the rank soon grows past the partial range anyway.
+    """
     B, m, n = X.shape
     if cfg.svd == "full":
         return spectrum_svd(X), "full"
     G = gram(X)
-    if cfg.svd in ("auto", "partial"):
+    skip = state.get("skip", 0)
+    state["skip"] = max(0, skip - 1)
+    if cfg.svd in ("auto", "partial") and skip == 0:
         k = int(sv.max()) + _OVERSAMPLE
         max_dim = int(cfg.partial_max_frac * n)
-        for _ in range(2):
+        for attempt in range(2):
             spec = spectrum_partial(G, tau, k, V_prev, gen, max_dim)
-            if spec is not None:
+            if isinstance(spec, Spectrum):
                 return spec, "partial"
-            k *= 2
+            if spec == "unconverged":
+                state["fails"] = state.get("fails", 0) + 1
+                state["skip"] = 2 ** state["fails"]
+            if spec != "missed":
+                break
+            k *= 2  # grow the block once
     return spectrum_gram(X, G), "full"
 
 
@@ -233,6 +245,7 @@ def _ialm(W: torch.Tensor, lam: torch.Tensor, cfg: RPCAConfig, progress_cb=None)
     sv = torch.full((B,), min(10, n), dtype=torch.long, device=W.device)
     gen = torch.Generator(device=W.device).manual_seed(cfg.seed)
     V_prev = None
+    svt_state: dict = {}
     idx = list(range(B))  # original batch positions of the active rows
     hist: list[list[dict]] = [[] for _ in range(B)]
     done: dict[int, dict] = {}
@@ -242,7 +255,7 @@ def _ialm(W: torch.Tensor, lam: torch.Tensor, cfg: RPCAConfig, progress_cb=None)
         inv_mu = (1.0 / mu).view(-1, 1, 1)
         A = torch.addcmul(W, Y, inv_mu)  # W + Y/μ
         X = A - S
-        spec, kind = _svt_step(X, 1.0 / mu, cfg, sv, V_prev, gen)
+        spec, kind = _svt_step(X, 1.0 / mu, cfg, sv, V_prev, gen, svt_state)
         L, _ = apply_svt(X, spec, 1.0 / mu)
         T = A.sub_(L)  # W − L + Y/μ
         thr = (lam / mu).view(-1, 1, 1)
