@@ -34,10 +34,12 @@ reference :func:`capllm.decompose.reference.rpca_reference`):
   ``partial_max_frac · n`` (default n/2; so ``k ≤ n/8``: the rule "predicted rank small").
   A partial result is *accepted only if* its ``k``-th value is already ``≤ 1/μ`` (nothing above
   the threshold was missed) and every Ritz pair above the threshold has a residual
-  ``≤ 1e-12‖G‖₂``; otherwise ``k`` is doubled once, and then the step falls back to the full
-  Gram decomposition. On SmolLM2 weights ``rank(L)`` passes n/8 by the 3rd–4th iteration and
-  ends at 60–73 % of full, so the partial step serves only the first iterations; the Gram
-  path is what makes the rest cheaper than LAPACK SVD (about 2× per iteration on one core).
+  ``≤ 1e-12‖G‖₂``. If values were missed, ``k`` is doubled once; otherwise (or then) the step
+  falls back to the full Gram decomposition, and after a non-converged attempt the next
+  ``2^f`` steps do not try (``f`` = failures so far). On SmolLM2 weights ``rank(L)`` passes n/8
+  by the 3rd–4th iteration and ends at 60–73 % of full, so the partial step serves only the
+  first 1–2 iterations and saves nothing measurable there (it does on genuinely low-rank
+  problems); the float64 Gram path is what makes the other iterations cheaper than LAPACK SVD.
 
 Activation-aware option: with ``col_scale = d`` (``d_j = sqrt(E x_j²)``) the decomposition is of
 ``W·diag(d)``, then un-scaled: ``L = U diag(σ) (diag(1/d) V)ᵀ``, ``S = S'·diag(1/d)`` — ``V``
