@@ -127,6 +127,7 @@ def part_model(a) -> None:
         roles.append({"role": role, "shape": ms[0]["shape"], "matrices": len(ms), "iterations": [min(x["iterations"] for x in ms), max(x["iterations"] for x in ms)],
                       "rank_fraction": [min(x["rank_fraction"] for x in ms), max(x["rank_fraction"] for x in ms)],
                       "nnz_fraction": [min(x["nnz_fraction"] for x in ms), max(x["nnz_fraction"] for x in ms)],
+                      "S_energy": [min(x["S_energy"] for x in ms), max(x["S_energy"] for x in ms)],
                       "max_residual": max(x["residual"] for x in ms), "median_s": statistics.median(x["seconds"] for x in ms)})
     dense = sum(m["shape"][0] * m["shape"][1] for m in mats.values())
     pool = sum(m["rank"] * (m["shape"][0] + m["shape"][1]) + m["nnz"] for m in mats.values())
@@ -134,10 +135,10 @@ def part_model(a) -> None:
            "cache_dir": str(out_dir), "candidate_pool_over_dense": round(pool / dense, 4), "roles": roles, "per_matrix": mats}
     write("model", out)
     print(f"whole SmolLM2-135M Stage 1: {wall:.0f} s wall, {out['converged']}/{len(mats)} converged, candidate pool {pool / dense:.2f}× dense")
-    print("| role | shape | iterations | rank(L) / full | nnz(S) / mn | max residual | median s |\n|---|---|---|---|---|---|---|")
+    print("| role | shape | iterations | rank(L) / full | nnz(S) / mn | ‖S‖/‖W‖ | max residual | median s per matrix |\n|---|---|---|---|---|---|---|---|")
     for r in roles:
         print(f"| {r['role']} | {r['shape'][0]}×{r['shape'][1]} | {r['iterations'][0]}–{r['iterations'][1]} | {r['rank_fraction'][0]:.0%}–{r['rank_fraction'][1]:.0%} | "
-              f"{r['nnz_fraction'][0]:.0%}–{r['nnz_fraction'][1]:.0%} | {r['max_residual']:.1e} | {r['median_s']:.2f} |")
+              f"{r['nnz_fraction'][0]:.0%}–{r['nnz_fraction'][1]:.0%} | {r['S_energy'][0]:.2f}–{r['S_energy'][1]:.2f} | {r['max_residual']:.1e} | {r['median_s']:.2f} |")
 
 
 def part_fig2(a) -> None:
