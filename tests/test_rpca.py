@@ -153,6 +153,16 @@ def test_bad_input_is_a_clear_error(W, needle):
         rpca(W)
 
 
+def test_degenerate_shapes_and_zero_matrices():
+    for W in (torch.tensor([[2.0]]), torch.randn(1, 5), torch.randn(7, 1), torch.randn(3, 3, dtype=torch.float64)):
+        r = rpca(W)
+        assert r.converged and rel(r.dense(), W) < 1e-6
+    z = rpca(torch.zeros(4, 6))
+    assert z.converged and z.iterations == 0 and z.rank == 0 and z.nnz == 0 and z.L().shape == (4, 6)
+    mixed = rpca_batched(torch.stack([torch.zeros(5, 4), torch.randn(5, 4)]))
+    assert mixed[0].iterations == 0 and mixed[1].converged and mixed[1].iterations > 0
+
+
 def test_bad_options_are_clear_errors():
     W = torch.randn(8, 8)
     with pytest.raises(CapllmError, match="svd mode"):

@@ -344,7 +344,17 @@ def _decompose_stack(Ws: torch.Tensor, col_scale: torch.Tensor | None, cfg: RPCA
     lam_val = cfg.lam if cfg.lam is not None else cfg.lam_scale / math.sqrt(max(m, n))
     wide = m < n
     Wt = W.mT.contiguous() if wide else W
-    outs = _ialm(Wt, torch.full((B,), lam_val, dtype=wdt, device=dev), cfg)
+    nonzero = [b for b in range(B) if bool(Wt[b].any())]
+    outs: list = [None] * B
+    if nonzero:
+        sel = torch.tensor(nonzero, device=dev)
+        for b, o in zip(nonzero, _ialm(Wt[sel], torch.full((len(nonzero),), lam_val, dtype=wdt, device=dev), cfg)):
+            outs[b] = o
+    for b in range(B):  # an all-zero matrix (a pruned layer): L = 0, S = 0, nothing to iterate
+        if outs[b] is None:
+            z = Wt[b]
+            outs[b] = {"U": z.new_zeros(z.shape[0], 0), "sigma": z.new_zeros(0), "V": z.new_zeros(z.shape[1], 0), "S": torch.zeros_like(z),
+                       "iterations": 0, "residual": 0.0, "converged": True, "history": []}
     seconds = (time.perf_counter() - t0) / B
     results = []
     for b, o in enumerate(outs):
