@@ -332,6 +332,7 @@ def map_in_threads(fn, items: list, workers: int) -> Iterator[tuple[int, object]
             yield futures[fut], fut.result()
 
 
+@torch.no_grad()
 def _decompose_stack(Ws: torch.Tensor, col_scale: torch.Tensor | None, cfg: RPCAConfig, dev: torch.device) -> list[RPCAResult]:
     B, m, n = Ws.shape
     wdt = torch.float64 if cfg.dtype == "float64" else torch.float32
