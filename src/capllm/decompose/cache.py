@@ -4,7 +4,8 @@ Layout of ``DIR``::
 
     DIR/manifest.json                     format, model source, RPCA config (+ activation scaling),
                                           per matrix: shape, iterations, residual, converged, rank,
-                                          nnz, seconds, file
+                                          nnz (and their fractions), S_energy = ‖S‖_F/‖W‖_F,
+                                          seconds, file
     DIR/<linear name>.safetensors         U (m, r), sigma (r,), V (n, r), S (m, n) — fp32;
                                           metadata: iterations, residual, converged, lam, history
 
@@ -213,6 +214,7 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
         m, n = h.shape
         man["matrices"][h.name] = {"shape": [m, n], "iterations": r.iterations, "residual": r.residual, "converged": r.converged,
                                    "rank": r.rank, "nnz": r.nnz, "rank_fraction": round(r.rank / min(m, n), 4), "nnz_fraction": round(r.nnz / (m * n), 4),
+                                   "S_energy": round(float(r.S.norm() / h.weight_copy().norm().clamp_min(1e-30)), 4),
                                    "seconds": round(r.seconds, 3), "file": _file_name(h.name)}
         order = {x.name: i for i, x in enumerate(all_handles)}
         man["matrices"] = dict(sorted(man["matrices"].items(), key=lambda kv: order.get(kv[0], 1 << 30)))

@@ -14,6 +14,7 @@ import math
 import torch
 
 
+@torch.no_grad()
 def rpca_reference(W: torch.Tensor, lam: float | None = None, tol: float = 1e-7, max_iter: int = 100, rho: float = 1.5) -> dict:
     """``{"L", "S", "iterations", "residual", "converged", "ranks"}`` (float64 tensors)."""
     D = W.to(torch.float64)

@@ -34,10 +34,12 @@ reference :func:`capllm.decompose.reference.rpca_reference`):
   ``partial_max_frac · n`` (default n/2; so ``k ≤ n/8``: the rule "predicted rank small").
   A partial result is *accepted only if* its ``k``-th value is already ``≤ 1/μ`` (nothing above
   the threshold was missed) and every Ritz pair above the threshold has a residual
-  ``≤ 1e-12‖G‖₂``; otherwise ``k`` is doubled once, and then the step falls back to the full
-  Gram decomposition. On SmolLM2 weights ``rank(L)`` passes n/8 by the 3rd–4th iteration and
-  ends at 60–73 % of full, so the partial step serves only the first iterations; the Gram
-  path is what makes the rest cheaper than LAPACK SVD (about 2× per iteration on one core).
+  ``≤ 1e-12‖G‖₂``. If values were missed, ``k`` is doubled once; otherwise (or then) the step
+  falls back to the full Gram decomposition, and after a non-converged attempt the next
+  ``2^f`` steps do not try (``f`` = failures so far). On SmolLM2 weights ``rank(L)`` passes n/8
+  by the 3rd–4th iteration and ends at 60–73 % of full, so the partial step serves only the
+  first 1–2 iterations and saves nothing measurable there (it does on genuinely low-rank
+  problems); the float64 Gram path is what makes the other iterations cheaper than LAPACK SVD.
 
 Activation-aware option: with ``col_scale = d`` (``d_j = sqrt(E x_j²)``) the decomposition is of
 ``W·diag(d)``, then un-scaled: ``L = U diag(σ) (diag(1/d) V)ᵀ``, ``S = S'·diag(1/d)`` — ``V``
@@ -202,20 +204,32 @@ def _update_predictor(sv: torch.Tensor, svp: torch.Tensor, n: int) -> torch.Tens
     return torch.where(svp < sv, svp + 1, grow).clamp(max=n)
 
 
-def _svt_step(X, tau, cfg: RPCAConfig, sv, V_prev, gen):
-    """One thresholding step for the active stack: returns (Spectrum, kind)."""
+def _svt_step(X, tau, cfg: RPCAConfig, sv, V_prev, gen, state: dict):
+    """One thresholding step for the active stack: returns (Spectrum, kind).
+
+    After a partial step fails to converge (the spectrum at the threshold is too dense for the
+    Krylov budget) the next ``2^f`` steps skip it (``f`` = failures so far), so failed attempts
+    cost little on real weights, where the rank soon grows past the partial range anyway.
+    """
     B, m, n = X.shape
     if cfg.svd == "full":
         return spectrum_svd(X), "full"
     G = gram(X)
-    if cfg.svd in ("auto", "partial"):
+    skip = state.get("skip", 0)
+    state["skip"] = max(0, skip - 1)
+    if cfg.svd in ("auto", "partial") and skip == 0:
         k = int(sv.max()) + _OVERSAMPLE
         max_dim = int(cfg.partial_max_frac * n)
-        for _ in range(2):
+        for attempt in range(2):
             spec = spectrum_partial(G, tau, k, V_prev, gen, max_dim)
-            if spec is not None:
+            if isinstance(spec, Spectrum):
                 return spec, "partial"
-            k *= 2
+            if spec == "unconverged":
+                state["fails"] = state.get("fails", 0) + 1
+                state["skip"] = 2 ** state["fails"]
+            if spec != "missed":
+                break
+            k *= 2  # grow the block once
     return spectrum_gram(X, G), "full"
 
 
@@ -233,6 +247,7 @@ def _ialm(W: torch.Tensor, lam: torch.Tensor, cfg: RPCAConfig, progress_cb=None)
     sv = torch.full((B,), min(10, n), dtype=torch.long, device=W.device)
     gen = torch.Generator(device=W.device).manual_seed(cfg.seed)
     V_prev = None
+    svt_state: dict = {}
     idx = list(range(B))  # original batch positions of the active rows
     hist: list[list[dict]] = [[] for _ in range(B)]
     done: dict[int, dict] = {}
@@ -242,7 +257,7 @@ def _ialm(W: torch.Tensor, lam: torch.Tensor, cfg: RPCAConfig, progress_cb=None)
         inv_mu = (1.0 / mu).view(-1, 1, 1)
         A = torch.addcmul(W, Y, inv_mu)  # W + Y/μ
         X = A - S
-        spec, kind = _svt_step(X, 1.0 / mu, cfg, sv, V_prev, gen)
+        spec, kind = _svt_step(X, 1.0 / mu, cfg, sv, V_prev, gen, svt_state)
         L, _ = apply_svt(X, spec, 1.0 / mu)
         T = A.sub_(L)  # W − L + Y/μ
         thr = (lam / mu).view(-1, 1, 1)
@@ -317,6 +332,7 @@ def map_in_threads(fn, items: list, workers: int) -> Iterator[tuple[int, object]
             yield futures[fut], fut.result()
 
 
+@torch.no_grad()
 def _decompose_stack(Ws: torch.Tensor, col_scale: torch.Tensor | None, cfg: RPCAConfig, dev: torch.device) -> list[RPCAResult]:
     B, m, n = Ws.shape
     wdt = torch.float64 if cfg.dtype == "float64" else torch.float32
@@ -329,7 +345,17 @@ def _decompose_stack(Ws: torch.Tensor, col_scale: torch.Tensor | None, cfg: RPCA
     lam_val = cfg.lam if cfg.lam is not None else cfg.lam_scale / math.sqrt(max(m, n))
     wide = m < n
     Wt = W.mT.contiguous() if wide else W
-    outs = _ialm(Wt, torch.full((B,), lam_val, dtype=wdt, device=dev), cfg)
+    nonzero = [b for b in range(B) if bool(Wt[b].any())]
+    outs: list = [None] * B
+    if nonzero:
+        sel = torch.tensor(nonzero, device=dev)
+        for b, o in zip(nonzero, _ialm(Wt[sel], torch.full((len(nonzero),), lam_val, dtype=wdt, device=dev), cfg)):
+            outs[b] = o
+    for b in range(B):  # an all-zero matrix (a pruned layer): L = 0, S = 0, nothing to iterate
+        if outs[b] is None:
+            z = Wt[b]
+            outs[b] = {"U": z.new_zeros(z.shape[0], 0), "sigma": z.new_zeros(0), "V": z.new_zeros(z.shape[1], 0), "S": torch.zeros_like(z),
+                       "iterations": 0, "residual": 0.0, "converged": True, "history": []}
     seconds = (time.perf_counter() - t0) / B
     results = []
     for b, o in enumerate(outs):

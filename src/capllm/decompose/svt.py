@@ -69,8 +69,10 @@ def spectrum_partial(
     generator: torch.Generator | None,
     max_dim: int,
     tol: float = 1e-12,
-) -> Spectrum | None:
-    """Leading ``k`` eigenpairs of the Gram stack ``G (B, n, n)``; ``None`` when not accepted.
+) -> Spectrum | str:
+    """Leading ``k`` eigenpairs of the Gram stack ``G (B, n, n)``, or why not: ``"too large"``
+    (``4k > max_dim``), ``"missed"`` (more than ``k`` values above the threshold) or
+    ``"unconverged"`` (not accurate enough within ``max_dim``).
 
     The search space is the block Krylov space ``[Ω, GΩ, G²Ω, …]`` (each block orthogonalised
     twice against the earlier ones) started from ``Ω = [V0 | Gaussian]`` with ``k`` columns; it
@@ -81,8 +83,8 @@ def spectrum_partial(
     space converge far faster than subspace iteration on the flat spectra of weight matrices.
     """
     B, n, _ = G.shape
-    if 2 * k > max_dim:
-        return None
+    if 4 * k > max_dim:
+        return "too large"
     omega = torch.randn(B, n, k, dtype=G.dtype, device=G.device, generator=generator)
     if V0 is not None:
         j = min(k, V0.shape[-1])
@@ -90,24 +92,26 @@ def spectrum_partial(
     tau2 = (tau.to(G.dtype) ** 2).view(B, 1)
     basis = torch.linalg.qr(omega).Q
     Q = basis
+    check_at = 4 * k  # Rayleigh–Ritz at dimensions 4k, 6k, 9k, … (each costs a small eigh)
     while basis.shape[-1] + k <= max_dim:
         Q = G @ Q
         for _ in range(2):  # block Gram–Schmidt, twice is enough
             Q = Q - basis @ (basis.mT @ Q)
         Q = torch.linalg.qr(Q).Q
         basis = torch.cat([basis, Q], dim=-1)
-        if basis.shape[-1] < 4 * k:
+        if basis.shape[-1] < check_at and basis.shape[-1] + k <= max_dim:
             continue
+        check_at = basis.shape[-1] * 3 // 2
         H = basis.mT @ G @ basis
         theta, Wr = torch.linalg.eigh(0.5 * (H + H.mT))
         theta, Wr = theta.flip(-1)[..., :k], Wr.flip(-1)[..., :k]
         if not bool((theta[..., -1:] <= tau2).all()):
-            return None  # more than k values above the threshold: the caller grows k
+            return "missed"  # more than k values above the threshold: the caller may grow k
         V = basis @ Wr
         resid = torch.linalg.vector_norm(G @ V - V * theta.unsqueeze(-2), dim=-2)
         if not bool(((resid > tol * theta[..., :1]) & (theta > tau2)).any()):
             return Spectrum(theta.clamp_min(0).sqrt(), V, "partial")
-    return None
+    return "unconverged"
 
 
 def apply_svt(X: torch.Tensor, spec: Spectrum, tau: torch.Tensor) -> tuple[torch.Tensor, int]:
