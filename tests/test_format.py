@@ -289,7 +289,7 @@ def test_truncated_file_is_a_clear_error(tmp_path, saved):
 
 
 def test_flipped_byte_in_the_data_is_a_clear_error(tmp_path, saved):
-    from transformers import AutoModelForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     d = _copy(saved[("qwen2", "mixed")]["dir"], tmp_path / "flip")
     f = d / "model.safetensors"
@@ -300,8 +300,10 @@ def test_flipped_byte_in_the_data_is_a_clear_error(tmp_path, saved):
     f.write_bytes(bytes(raw))
     with pytest.raises(CapllmError, match="SHA-256"):
         capllm.load_compressed(d)
-    with pytest.raises(ValueError, match="SHA-256"):  # the transformers path checks too
-        AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
+    from capllm.format.modeling_capllm import capllm_class
+
+    with pytest.raises(ValueError, match="SHA-256"):  # the class trust_remote_code loads checks too
+        capllm_class(Qwen2ForCausalLM).from_pretrained(d)
 
 
 def test_missing_shard_and_bad_config_are_clear_errors(tmp_path, saved):
