@@ -134,6 +134,11 @@ def measure(folder: Path, execution: str) -> dict:
     from capllm.format import describe_execution, load_compressed
     from capllm.models.loader import _is_compressed_dir
 
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    cfg = json.loads((folder / "config.json").read_text())
+    getattr(transformers, cfg["architectures"][0])  # import the modeling code: time the load, not imports
     for p in folder.iterdir():  # warm the page cache: time the load, not the disk
         if p.is_file():
             p.read_bytes()
@@ -150,7 +155,6 @@ def measure(folder: Path, execution: str) -> dict:
     out = {"dir": folder.name, "execution": execution, "load_s": round(load_s, 3), "rss_after_load_mib": round(rss1, 1),
            "rss_load_delta_mib": round(rss1 - rss0, 1), "tensor_mib_in_memory": round(tensor_bytes(model) / 2**20, 1),
            "paths": describe_execution(model)["summary"] or {"dense model": 1}}
-    cfg = json.loads((folder / "config.json").read_text())
     if "capllm" in cfg:
         out["storage"] = cfg["capllm"]["storage"]
     out["dir_bytes"] = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.endswith(".bench") and p.name != "result.json")
@@ -161,7 +165,7 @@ def measure(folder: Path, execution: str) -> dict:
 
             r = load_file(str(ref))
             out["max_abs_diff_vs_in_memory"] = float((model(r["ids"]).logits - r["logits"]).abs().max())
-        x = torch.randint(0, 49152, (1, FORWARD_TOKENS), generator=torch.Generator().manual_seed(1))
+        x = torch.randint(0, model.config.vocab_size, (1, FORWARD_TOKENS), generator=torch.Generator().manual_seed(1))
         model(x)
         times = []
         for _ in range(5):

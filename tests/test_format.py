@@ -237,12 +237,15 @@ def test_sparse_only_loads_as_the_architectures_own_modules(saved):
         assert torch.equal(model(IDS).logits, saved[("gpt2", "wanda")]["logits"])
 
 
-def test_csr_execution_matches(saved):
+def test_csr_execution_matches(saved, tmp_path):
     c = saved[("qwen2", "mixed")]
     model, _ = capllm.load_compressed(c["dir"], execution="csr")
     assert capllm.describe_execution(model)["summary"] == {"lowrank+csr": 14}
     with torch.no_grad():
         assert (model(IDS).logits - c["logits"]).abs().max() < 1e-4  # only the summation order differs
+    again = tmp_path / "resaved"
+    capllm.save_compressed(model, again)  # a loaded (CSR) model saves back to the same bytes
+    assert (again / "model.safetensors").read_bytes() == (c["dir"] / "model.safetensors").read_bytes()
 
 
 def test_sharded_save_round_trips(tmp_path, saved):
