@@ -386,3 +386,12 @@ def test_cli_compress_save_eval_generate(tiny_model_dir, text_file, tmp_path, ca
 def test_cli_generate_bad_input(tiny_model_dir, capsys):
     rc, _, err = _cli(["generate", "--model", str(tiny_model_dir), "hi", "--max-new-tokens", "0"], capsys)
     assert rc == 2 and "--max-new-tokens" in err
+
+
+def test_saved_directory_is_readable_by_others(saved):
+    from capllm.utils import _umask
+
+    d = saved[("llama", "wanda")]["dir"]
+    assert d.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    for f in ("model.safetensors", "config.json"):
+        assert (d / f).stat().st_mode & 0o777 == 0o666 & ~_umask()

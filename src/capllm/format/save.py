@@ -38,7 +38,7 @@ from capllm.format import modeling_capllm
 from capllm.format.bitmask import pack_bitmask, packing_pays
 from capllm.format.modules import LowRankSparseLinear
 from capllm.models.layers import find_linears, is_linear
-from capllm.utils import atomic_dir, write_json_atomic
+from capllm.utils import _umask, atomic_dir, write_json_atomic
 
 DEFAULT_SHARD_SIZE = "2GB"
 MODELING_FILE = "modeling_capllm.py"
@@ -159,6 +159,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size
     split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: tensors[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
+        os.chmod(folder / filename, 0o666 & ~_umask())  # safetensors writes owner-only files
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": split.tensor_to_filename}
         write_json_atomic(folder / "model.safetensors.index.json", index)
