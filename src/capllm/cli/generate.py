@@ -52,7 +52,7 @@ def run(a) -> int:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens, do_sample=not a.greedy, pad_token_id=pad, **sampling)
     gen_s = time.perf_counter() - t1
     new = out[0, ids.shape[1]:]
-    print(a.prompt + tok.decode(new, skip_special_tokens=True))
+    print(a.prompt + tok.decode(new, skip_special_tokens=True), flush=True)
     paths = describe_execution(model)["summary"]
     where = ", ".join(f"{n} {p}" for p, n in sorted(paths.items())) or "dense model"
     print(f"capllm: {len(new)} new tokens in {gen_s:.2f} s ({len(new) / gen_s:.1f} tok/s, {'greedy' if a.greedy else f'sampled T={a.temperature}'}); load {load_s:.2f} s; layers: {where}", file=sys.stderr)
