@@ -133,6 +133,7 @@ class JobConfig:
     out: str | None = None
     dense_cache: bool = True
     save: str = "compressed"  # what goes next to result.json: compressed | dense | none
+    plot: bool = False  # write allocation.png (methods that report an allocation)
 
 
 def default_out_dir(model: str, method: str, ratio: float) -> Path:
@@ -189,4 +190,11 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
             result["storage"] = {"format": job.save, **written}
             result["time_s"] = timer.as_dict()
         write_json_atomic(tmp / "result.json", result)
+        alloc = result.get("method_results", {}).get("allocation")
+        if job.plot and alloc:
+            from capllm.allocate.plot import plot_allocation
+
+            plot_allocation(alloc, tmp / "allocation.png", f"{result['method']} {result['ratio']:.0%} — {result['model']['name']}")
+        elif job.plot:
+            log(f"capllm: --plot: method {result['method']} reports no per-matrix allocation; no plot written")
     return result
