@@ -93,6 +93,16 @@ def test_dense_and_csr_paths_compute_the_same_function(parts):
     assert torch.equal(mod(x), y_dense)
 
 
+def test_rank_zero_factors_mean_no_low_rank_part():
+    U, V, S, b = _factors()
+    mod = LowRankSparseLinear.from_factors(U[:, :0], V[:, :0], S, b)
+    assert mod.rank == 0 and mod.U is None and mod.execution == "dense"
+    x = torch.randn(3, 40)
+    assert torch.allclose(mod(x), x @ S.t() + b, atol=1e-5)
+    with pytest.raises(ValueError):
+        LowRankSparseLinear.from_factors(None, None, None, b)
+
+
 def test_auto_layout_rule_and_probe():
     U, V, S, b = _factors(64, 64, density=0.5)
     layout, why = choose_layout(S, "auto")

@@ -53,6 +53,10 @@ class LowRankSparseLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, U, V, S, bias) -> "LowRankSparseLinear":
+        if U is not None and U.shape[1] == 0:  # rank 0: no low-rank part
+            U = V = None
+        if U is None and S is None:
+            raise ValueError("LowRankSparseLinear needs a low-rank part, a sparse part, or both")
         ref = U if U is not None else S
         out_f = ref.shape[0]
         in_f = V.shape[0] if V is not None else S.shape[1]
