@@ -156,7 +156,7 @@ def measure(folder: Path, execution: str) -> dict:
     load_s = time.perf_counter() - t0
     gc.collect()
     after = status_mib()
-    out = {"dir": folder.name, "execution": execution, "load_s": round(load_s, 3),
+    out = {"dir": folder.name, "execution": execution, "loadavg_at_start": os.getloadavg()[0], "load_s": round(load_s, 3),
            "rss_after_load_mib": after["VmRSS"], "rss_anon_after_load_mib": after["RssAnon"], "rss_file_after_load_mib": after["RssFile"],
            "rss_anon_load_delta_mib": round(after["RssAnon"] - before["RssAnon"], 1), "rss_peak_during_load_mib": after["VmHWM"],
            "tensor_mib_in_memory": round(tensor_bytes(model) / 2**20, 1),
@@ -191,7 +191,7 @@ def measure(folder: Path, execution: str) -> dict:
             out[f"threads{threads}"] = {"forward_512_ms": round(1e3 * statistics.median(times), 1), "forward_512_ms_all": [round(1e3 * t, 1) for t in times],
                                         "decode_tok_s": round(statistics.median(rates), 2), "decode_tok_s_all": [round(r, 2) for r in rates]}
     end = status_mib()
-    out.update({"rss_anon_after_runs_mib": end["RssAnon"], "rss_file_after_runs_mib": end["RssFile"], "rss_peak_mib": end["VmHWM"]})
+    out.update({"rss_anon_after_runs_mib": end["RssAnon"], "rss_file_after_runs_mib": end["RssFile"], "rss_peak_mib": end["VmHWM"], "loadavg_at_end": os.getloadavg()[0]})
     return out
 
 
