@@ -31,7 +31,7 @@ PROTOCOL = {  # BENCHMARKS.md protocol (DESIGN §7)
 
 
 def cell_command(model: str, method: str, ratio: float, out: Path, data_dir: str, extra: list[str]) -> list[str]:
-    cmd = ["capllm", "compress", "--model", model, "--method", method, "--out", str(out), "--data-dir", data_dir, "--quiet"]
+    cmd = ["capllm", "compress", "--model", model, "--method", method, "--out", str(out), "--data-dir", data_dir, "--quiet", "--save", "none"]
     if method != "dense":
         cmd += ["--ratio", f"{ratio:g}"]
     for k, v in PROTOCOL.items():

@@ -28,6 +28,7 @@ from capllm.results import capllm_version, environment, params_block
 from capllm.utils import StageTimer, atomic_dir, cache_dir, peak_cuda_mb, peak_rss_mb, resolve_device, write_json_atomic
 
 DEFAULT_METHOD = "wanda"
+SAVE_MODES = ("compressed", "dense", "none")
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class JobConfig:
     eval: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(max_windows=16))
     out: str | None = None
     dense_cache: bool = True
+    save: str = "compressed"  # what goes next to result.json: compressed | dense | none
     plot: bool = False  # write allocation.png (methods that report an allocation)
 
 
@@ -143,6 +145,8 @@ def default_out_dir(model: str, method: str, ratio: float) -> Path:
 def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
     timer = StageTimer()
     method = build_method(job.compress)  # fail fast on bad method / ratio / options
+    if job.save not in SAVE_MODES:
+        raise CapllmError(f"--save {job.save!r}: use one of {', '.join(SAVE_MODES)}")
     out = Path(job.out) if job.out else default_out_dir(job.model, job.compress.method, job.compress.ratio)
     if out.exists():
         raise CapllmError(f"output directory {out} already exists: choose another --out or remove it")
@@ -178,6 +182,13 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
         "out_dir": str(out),
     })
     with atomic_dir(out) as tmp:
+        if job.save != "none":  # the model itself, next to result.json; its bytes on disk go into result.json
+            from capllm.format import write_compressed, write_dense
+
+            with timer.stage("save"):
+                written = write_compressed(model, tmp, tokenizer, result) if job.save == "compressed" else write_dense(model, tmp, tokenizer)
+            result["storage"] = {"format": job.save, **written}
+            result["time_s"] = timer.as_dict()
         write_json_atomic(tmp / "result.json", result)
         alloc = result.get("method_results", {}).get("allocation")
         if job.plot and alloc:

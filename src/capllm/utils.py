@@ -76,6 +76,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the result is an ordinary directory
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -92,7 +93,14 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, default=_json_default)
         f.write("\n")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(o):

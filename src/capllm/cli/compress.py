@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable (e.g. --option blocksize=64)")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    c.add_argument("--out", default=None, help="output directory (must not exist; default runs/<time>-<model>-<method>-<ratio>)")
+    c.add_argument("--out", default=None, help="output directory (must not exist; default runs/<time>-<model>-<method>-<ratio>): result.json and the saved model")
+    c.add_argument("--save", choices=["compressed", "dense", "none"], default="compressed", help="what to write next to result.json: the compressed model (default; load it with capllm or transformers trust_remote_code), a plain dense HF checkpoint, or nothing")
     c.add_argument("--eval", dest="evaluate", action="store_true", default=True, help="evaluate perplexity before and after (default)")
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation")
     c.add_argument("--max-windows", type=int, default=16, help="evaluation windows to score (default 16; 0 = all)")
@@ -51,8 +52,13 @@ def run(a) -> int:
         eval=PerplexityConfig(a.dataset, a.split, a.eval_seqlen, a.max_windows or None, a.batch_size, a.data_dir),
         out=a.out,
         dense_cache=not a.no_dense_cache,
+        save=a.save,
         plot=a.plot,
     )
     result = run_compress_job(job, log=lambda s: print(s, file=sys.stderr))
     print(summary_table(result))
+    st = result.get("storage")
+    if st:
+        frac = f", decoder linears {st['decoder_bytes'] / st['decoder_dense_bytes']:.1%} of dense incl. {st['index_overhead_bytes'] / 2**20:.1f} MiB index" if st.get("decoder_dense_bytes") else ""
+        print(f"saved {st['format']} model: {st['total_bytes'] / 2**20:.1f} MiB on disk{frac} → {result['out_dir']}")
     return 0

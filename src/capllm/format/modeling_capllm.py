@@ -1,0 +1,179 @@
+"""A capllm compressed model for plain transformers: ``from_pretrained(dir, trust_remote_code=True)``.
+
+This file is copied unchanged into every directory that ``capllm.save_compressed`` writes and is
+named by that directory's ``config.json``::
+
+    "auto_map": {"AutoModelForCausalLM": "modeling_capllm.Capllm<Architecture>"}
+
+e.g. ``CapllmLlamaForCausalLM``. It needs only torch and transformers (not capllm). The class is
+made on demand (PEP 562 module ``__getattr__``): it subclasses the original architecture's class
+from transformers and, after building it, replaces every module listed in
+``config.capllm["modules"]`` by a :class:`CapllmLinear` whose parameters match the tensors on
+disk, so transformers' own loader (meta-device init, sharded safetensors, tied weights, dtype)
+fills them. Before loading, the file sizes and SHA-256 digests recorded in
+``config.capllm["files"]`` are checked, so a truncated or altered file fails loudly.
+
+Storage of one compressed linear ``y = U'(V'ᵀx) + S x + b`` (shape ``(out, in)``):
+
+* ``<name>.U (out, r)``, ``<name>.V (in, r)``: the low-rank factors, dense (absent when r = 0);
+* ``S`` either dense as ``<name>.S (out, in)`` (layout ``dense``) or, layout ``bitmask`` (the
+  idea of compressed-tensors' ``sparse-bitmask``): ``<name>.S_values (nnz,)`` the non-zeros in
+  row-major order and ``<name>.S_bitmask (out, ceil(in/8)) uint8`` with bit ``j % 8`` (least
+  significant first) of byte ``j // 8`` in row ``i`` set iff ``S[i, j] != 0``;
+* ``<name>.bias (out,)`` when the layer has one.
+
+Here ``S`` is unpacked to a dense matrix on the first forward and cached (not saved); capllm's own
+loader (``capllm.load_compressed``) instead picks dense or CSR execution per layer and frees the
+packed form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+FORMAT_VERSION = 1
+CONFIG_KEY = "capllm"
+CLASS_PREFIX = "Capllm"
+
+
+def unpack_mask(bitmask: torch.Tensor, n: int) -> torch.Tensor:
+    """``(m, ceil(n/8)) uint8`` → ``(m, n)`` bool (bit ``j % 8`` of byte ``j // 8``, LSB first)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :n].bool()
+
+
+def unpack_bitmask(values: torch.Tensor, bitmask: torch.Tensor, shape) -> torch.Tensor:
+    """Dense ``(m, n)`` matrix from row-major non-zeros ``values`` and the packed ``bitmask``."""
+    m, n = int(shape[0]), int(shape[1])
+    mask = unpack_mask(bitmask, n)
+    nnz = int(mask.sum())
+    if mask.shape != (m, n) or nnz != values.numel():
+        raise ValueError(f"capllm: bitmask ({tuple(bitmask.shape)}, {nnz} bits set) does not match shape {(m, n)} with {values.numel()} values: the checkpoint is corrupt")
+    return torch.zeros(m, n, dtype=values.dtype, device=values.device).masked_scatter_(mask, values)
+
+
+class CapllmLinear(nn.Module):
+    """``y = U'(V'ᵀx) + S x + b`` with parameters named as on disk (see the module docstring)."""
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__()
+        out_f, in_f = spec["shape"]
+        r = int(spec.get("rank", 0))
+        self.in_features, self.out_features, self.layout = in_f, out_f, spec.get("sparse_layout")
+        p = lambda *shape: nn.Parameter(torch.empty(*shape), requires_grad=False)  # noqa: E731
+        self.U = p(out_f, r) if r > 0 else None
+        self.V = p(in_f, r) if r > 0 else None
+        self.S = p(out_f, in_f) if self.layout == "dense" else None
+        if self.layout == "bitmask":
+            self.S_values = p(int(spec["nnz"]))
+            self.register_buffer("S_bitmask", torch.empty(out_f, (in_f + 7) // 8, dtype=torch.uint8))
+        elif self.layout not in (None, "dense"):
+            raise ValueError(f"capllm: unknown sparse layout {self.layout!r} (this file reads format {FORMAT_VERSION})")
+        self.bias = p(out_f) if spec.get("bias") else None
+        self._S_cache = None
+
+    def sparse_dense(self) -> torch.Tensor | None:
+        """``S`` as a dense matrix (unpacked once per device and dtype, then cached)."""
+        if self.layout != "bitmask":
+            return self.S
+        c = self._S_cache
+        if c is None or c.device != self.S_values.device or c.dtype != self.S_values.dtype:
+            c = self._S_cache = unpack_bitmask(self.S_values, self.S_bitmask, (self.out_features, self.in_features))
+        return c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        S = self.sparse_dense()
+        if self.U is None:
+            return F.linear(x, S, self.bias)
+        y = F.linear(F.linear(x, self.V.t()), self.U)
+        if S is not None:
+            y = y + F.linear(x, S)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        r = 0 if self.U is None else self.U.shape[1]
+        return f"in={self.in_features}, out={self.out_features}, rank={r}, sparse={self.layout}, bias={self.bias is not None}"
+
+
+def swap_in(model: nn.Module, modules: list[dict]) -> None:
+    """Replace each listed module of ``model`` by a :class:`CapllmLinear` built from its spec."""
+    for spec in modules:
+        parent, _, child = spec["name"].rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if not hasattr(owner, child):
+            raise ValueError(f"capllm: the model has no module {spec['name']!r}: config.json does not match the architecture")
+        setattr(owner, child, CapllmLinear(spec))
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_files(folder: str, files: dict | None = None) -> None:
+    """Check every file recorded in ``config.capllm["files"]``: present, right size, right SHA-256.
+
+    Raises ``ValueError`` naming the file and what is wrong.
+    """
+    if files is None:
+        with open(os.path.join(folder, "config.json")) as f:
+            files = json.load(f).get(CONFIG_KEY, {}).get("files", {})
+    for name, rec in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"capllm: {path} is missing: the compressed model directory is incomplete")
+        size = os.path.getsize(path)
+        if size != rec["bytes"]:
+            raise ValueError(f"capllm: {path} has {size} bytes, expected {rec['bytes']}: the file is truncated or was replaced")
+        if sha256_file(path) != rec["sha256"]:
+            raise ValueError(f"capllm: {path} fails its SHA-256 check: the file is corrupt or was modified")
+
+
+_CLASSES: dict[tuple[str, bool], type] = {}
+
+
+def capllm_class(base: type, verify: bool = True) -> type:
+    """The subclass of ``base`` (a transformers ``...ForCausalLM``) that loads a capllm directory."""
+    key = (base.__name__, verify)
+    if key in _CLASSES:
+        return _CLASSES[key]
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        section = getattr(config, CONFIG_KEY, None) or {}
+        if section.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(f"capllm: format version {section['format_version']} is newer than this file reads ({FORMAT_VERSION})")
+        swap_in(self, section.get("modules", []))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if verify and os.path.isdir(str(pretrained_model_name_or_path)):
+            verify_files(str(pretrained_model_name_or_path))
+        return super(klass, cls).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    name = CLASS_PREFIX + base.__name__
+    klass = type(name, (base,), {"__init__": __init__, "from_pretrained": from_pretrained, "__module__": __name__, "__doc__": f"{base.__name__} with capllm compressed linear layers."})
+    _CLASSES[key] = klass
+    return klass
+
+
+def __getattr__(name: str):
+    """``Capllm<Architecture>`` → the loading class for that transformers architecture."""
+    if name.startswith(CLASS_PREFIX) and name != CLASS_PREFIX:
+        base = getattr(transformers, name[len(CLASS_PREFIX):], None)
+        if isinstance(base, type):
+            return capllm_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
