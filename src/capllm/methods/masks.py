@@ -39,3 +39,26 @@ def keep_nm(score: torch.Tensor, structure: Structure) -> torch.Tensor:
     idx = torch.topk(groups, structure.n, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
     return mask.reshape(rows, cols)
+
+
+def keep_per_row_filled(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly ``k`` entries, spread as evenly as possible over the rows.
+
+    Every row keeps its ``q = ⌊k/m⌋`` highest scores; the remaining ``e = k − q·m`` entries go to
+    the ``e`` rows whose next-best (``(q+1)``-th) score is highest. Ties break by position exactly
+    as in :func:`prune_lowest_per_row` (so ``k = m·q`` gives the same mask).
+    """
+    rows, cols = score.shape
+    k = max(0, min(k, rows * cols))
+    q, e = divmod(k, rows)
+    if e == 0:
+        return prune_lowest_per_row(score, cols - q)
+    order = torch.sort(score, dim=1, stable=True).indices  # ascending
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if q:
+        mask.scatter_(1, order[:, cols - q :], True)
+    nxt = order[:, cols - q - 1]
+    nxt_score = score.gather(1, nxt.unsqueeze(1)).squeeze(1)
+    chosen = torch.sort(nxt_score, descending=True, stable=True).indices[:e]
+    mask[chosen, nxt[chosen]] = True
+    return mask
