@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from capllm.cli.common import add_eval_args, parse_options
+from capllm.cli.common import add_eval_args, add_generation_args, add_zeroshot_args, generation_config, parse_options, zeroshot_config
 
 HELP = "compress a model and report what it achieved"
 
@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     c.add_argument("--max-windows", type=int, default=16, help="evaluation windows to score (default 16; 0 = all)")
     c.add_argument("--no-dense-cache", action="store_true", help="re-evaluate the dense model even if a cached figure exists")
     add_eval_args(c, "--eval-seqlen")
+    add_zeroshot_args(c, "--zs-seed")
+    add_generation_args(c)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -50,6 +52,8 @@ def run(a) -> int:
         eval=PerplexityConfig(a.dataset, a.split, a.eval_seqlen, a.max_windows or None, a.batch_size, a.data_dir),
         out=a.out,
         dense_cache=not a.no_dense_cache,
+        zeroshot=zeroshot_config(a),
+        generation=generation_config(a),
     )
     result = run_compress_job(job, log=lambda s: print(s, file=sys.stderr))
     print(summary_table(result))
