@@ -1,0 +1,97 @@
+"""Initial scores of CAP Stage 2 (the paper leaves them open; DESIGN §1).
+
+Importance of a candidate = the energy it contributes to its layer's output, to first order
+(cross terms ignored):
+
+* ``magnitude``:  direction ``σ_i²`` (= ‖σ_i u_i v_iᵀ‖_F²), entry ``S_ij²``;
+* ``activation``: direction ``σ_i² · v_iᵀ C v_i``, entry ``S_ij² · C_jj``, with
+  ``C = E[x xᵀ]`` the layer's input second moment (``E‖σ_i u_i v_iᵀ x‖² = σ_i² v_iᵀCv_i``) —
+  the activation-aware scores ``σ_i‖V_iᵀX‖`` and ``|S_ij|‖X_j‖`` of the issue, squared;
+* ``constant``: every candidate equally important.
+
+``normalize="matrix"`` divides each matrix's importances by their sum, so every layer's scores
+are fractions of its own output energy (otherwise layers with large activations dominate the
+global ranking). The initial keep-probability is a soft knapsack on value per parameter:
+
+    s_k = sigmoid( (log(imp_k / c_k) − τ) / T ),   τ by bisection so that Σ c_k s_k = K,
+
+``T`` (``temperature``) sets how uncertain the policy starts: ``T → 0`` is the deterministic
+greedy ranking, large ``T`` flattens towards the constant ``s = K / Σc``. ``constant`` starts at
+exactly ``K / Σc`` (no information, the policy must find everything).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from capllm.allocate.pools import CandidatePools
+
+SCORE_KINDS = ("activation", "magnitude", "constant")
+
+
+def importances(pools: CandidatePools, kind: str, grams: dict[str, torch.Tensor] | None = None, normalize: str = "matrix") -> torch.Tensor:
+    """Per-candidate importance (fp32, ≥ 0), in pool order."""
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"unknown score kind {kind!r}")
+    out = torch.empty(pools.size, dtype=torch.float32)
+    for p in pools.matrices:
+        seg = out[p.offset : p.offset + p.size]
+        if kind == "constant":
+            seg.fill_(1.0)
+            continue
+        sig2 = p.sigma.double() ** 2
+        vals2 = p.entry_values().double() ** 2
+        if kind == "activation":
+            if grams is None or p.name not in grams:
+                raise ValueError(f"activation scores need the input statistics of {p.name}")
+            C = grams[p.name].double()
+            if C.dim() == 2:
+                vcv = ((C @ p.V.double()) * p.V.double()).sum(0)  # v_iᵀ C v_i
+                diag = C.diagonal()
+            else:  # only the diagonal E[x_j²] is known
+                diag = C
+                vcv = (p.V.double() ** 2 * diag.unsqueeze(1)).sum(0)
+            sig2 = sig2 * vcv.clamp_min(0)
+            cols = p.support() % p.shape[1]
+            vals2 = vals2 * diag[cols]
+        seg[: p.rank] = sig2.float()
+        seg[p.rank :] = vals2.float()
+        if normalize == "matrix":
+            total = float(sig2.sum() + vals2.sum())
+            if total > 0:
+                seg /= total
+        elif normalize != "none":
+            raise ValueError(f"unknown normalisation {normalize!r}")
+    return out
+
+
+def soft_knapsack(value_per_cost: torch.Tensor, cost: torch.Tensor, budget: float, temperature: float, iters: int = 100) -> torch.Tensor:
+    """``sigmoid((log v − τ)/T)`` with ``τ`` chosen so that ``Σ c s = budget``."""
+    logv = torch.log(value_per_cost.double().clamp_min(1e-300)).float()
+    logv[value_per_cost <= 0] = -math.inf
+    finite = logv[torch.isfinite(logv)]
+    if finite.numel() == 0:
+        raise ValueError("every candidate has zero importance")
+    lo, hi = float(finite.min()) - 50 * temperature, float(finite.max()) + 50 * temperature
+
+    def spent(tau: float) -> float:
+        return float((cost * torch.sigmoid((logv - tau) / temperature)).sum(dtype=torch.float64))
+
+    for _ in range(iters):  # spent(τ) decreases with τ
+        mid = 0.5 * (lo + hi)
+        if spent(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return torch.sigmoid((logv - hi) / temperature)
+
+
+def initial_probabilities(pools: CandidatePools, cost: torch.Tensor, budget: float, kind: str, grams=None, normalize: str = "matrix", temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s0, value_per_cost)``: the starting keep-probabilities and the ranking key behind them."""
+    imp = importances(pools, kind, grams, normalize)
+    vpc = imp / cost
+    if kind == "constant":
+        return torch.full_like(cost, budget / float(cost.sum(dtype=torch.float64))), vpc
+    return soft_knapsack(vpc, cost, budget, temperature), vpc
