@@ -15,18 +15,18 @@ from capllm.eval.bench import BenchConfig, Cell, plan
 
 def _grid_args(tiny_model_dir, text_file, out):
     return ["bench", "--models", str(tiny_model_dir), "--methods", "dense,magnitude", "--ratios", "0.5", "--out", str(out),
-            "--dataset", str(text_file), "--eval-seqlen", "64", "--max-windows", "2", "--calib", str(text_file), "--nsamples", "2",
-            "--seqlen", "32", "--gen-prompts", "2", "--gen-tokens", "6", "--", "--device", "cpu", "--gen-prompt-tokens", "8"]
+            "--dataset", str(text_file), "--eval-seqlen", "64", "--max-windows", "1", "--calib", str(text_file), "--nsamples", "2",
+            "--seqlen", "32", "--", "--device", "cpu"]
 
 
-def test_grid_resumes_after_a_killed_cell(tiny_model_dir, text_file, tmp_path, capsys):
+def test_grid_resumes_after_a_killed_cell(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny cells: one thread is faster than two on a shared machine
     out = tmp_path / "grid"
     assert main(_grid_args(tiny_model_dir, text_file, out)) == 0, capsys.readouterr().err
     cells = out / "cells"
     dense, mag = cells / "tiny-llama__dense", cells / "tiny-llama__magnitude-0.5"
     r_dense, r_mag = json.loads((dense / "result.json").read_text()), json.loads((mag / "result.json").read_text())
     assert r_dense["method"] == "dense" and r_mag["method"] == "magnitude" and r_mag["ratio"] == 0.5
-    assert r_mag["generation"]["tokens"] == 2 * 6 and r_dense["generation"]["agreement"] == 1.0  # dense agrees with itself
     report = (out / "report.md").read_text()
     assert "| magnitude | 50% |" in report and "| dense | – |" in report and (out / "ppl_vs_ratio__tiny-llama.png").stat().st_size > 0
     stamp = os.stat(dense / "result.json").st_mtime_ns

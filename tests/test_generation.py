@@ -69,3 +69,27 @@ def test_metrics_helpers():
     b = torch.tensor([[1, 2, 9, 4], [1, 2, 3, 4]])
     assert agreement(a, b) == (7 / 8, (2 + 4) / 2)
     assert distinct_ngrams(torch.tensor([[5, 5, 5, 5, 5, 5]]), 4) == 1 / 3
+
+
+def test_compress_job_runs_zeroshot_and_generation_in_memory(tiny_model_dir, text_file, tmp_path, capsys):
+    """`capllm compress --tasks ... --gen-prompts ...` evaluates the compressed model before it exits."""
+    import json
+
+    from capllm.cli.main import main
+    from test_zeroshot import DOCS, write_task
+
+    out = tmp_path / "run"
+    rc = main(["compress", "--model", str(tiny_model_dir), "--method", "magnitude", "--ratio", "0.5", "--dataset", str(text_file),
+               "--eval-seqlen", "64", "--max-windows", "1", "--device", "cpu", "--out", str(out), "--quiet",
+               "--tasks", "tiny_mc", "--include-path", str(write_task(tmp_path)), "--zs-source", "local", "--limit", "5",
+               "--gen-prompts", "2", "--gen-tokens", "5", "--gen-prompt-tokens", "8"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "result.json").read_text())
+    z = res["zeroshot"]["tasks"]["tiny_mc"]
+    assert (z["n"], z["n_available"], z["limit"]) == (5, len(DOCS), 5) and 0 <= z["acc"] <= 1
+    g = res["generation"]
+    assert g["tokens"] == 10 and 0 <= g["agreement"] <= 1 and g["ppl_under_dense"] > 0
+    assert {"zeroshot", "generation", "generation_dense"} <= set(res["time_s"]) and res["peak_rss_mb_compress"] > 0
+    # a typo in --tasks fails before any compression
+    rc = main(["compress", "--model", str(tiny_model_dir), "--method", "magnitude", "--no-eval", "--out", str(tmp_path / "x"), "--tasks", "piqa,nosuch", "--zs-source", "local"])
+    assert rc == 2 and "nosuch" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--venv", default="/work/peers-venv")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "peers"))
     ap.add_argument("--lock", default=None, help="hold this lock file during the heavy steps (e.g. /work/locks/heavy.lock)")
+    ap.add_argument("--capllm-results", default=None, help="capllm's protocol results to compare with (default benchmarks/results/<model>/)")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -148,7 +149,7 @@ def main() -> None:
             results_dir.mkdir(parents=True, exist_ok=True)
             rows_path.write_text(json.dumps(rows, indent=2) + "\n")
             log(f"[score] {tag}: ppl {ppl['value']:.2f}, decoder sparsity {row['sparsity_achieved']:.4f}")
-    md = table(rows, REPO / "benchmarks" / "results" / Path(a.model).name)
+    md = table(rows, Path(a.capllm_results) if a.capllm_results else REPO / "benchmarks" / "results" / Path(a.model).name)
     (results_dir / f"{Path(a.model).name}.md").write_text(md + "\n")
     print(md)
 
