@@ -7,10 +7,21 @@ import json
 import os
 
 import pytest
+import torch
 
 from capllm.cli.main import main
 from capllm.errors import CapllmError
 from capllm.eval.bench import BenchConfig, Cell, plan
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread. On a busy 2-core machine a 2-thread OpenMP region costs ~5 ms per op
+    (150× a 1-thread tiny matmul), which would dominate these tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _grid_args(tiny_model_dir, text_file, out):

@@ -19,6 +19,16 @@ pytest.importorskip("lm_eval", reason="zero-shot needs lm-eval: pip install -e '
 
 from capllm.eval.zeroshot import evaluate_zeroshot, parse_tasks, subsample, zeroshot_table  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread. On a busy 2-core machine a 2-thread OpenMP region costs ~5 ms per op
+    (150× a 1-thread tiny matmul), which would dominate these tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 DOCS = [
     {"question": "The fox jumps over the", "choices": ["lazy dog", "sea", "gold and the worm"], "label": 0},
     {"question": "A journey of a thousand miles begins with", "choices": ["a single step", "cheese", "the clouds"], "label": 0},
@@ -180,3 +190,21 @@ def test_olmes_recovery_matches_raw_validation_split():
             r = raw[d["id"]]
             assert d[key] == r[key] and d["choices"]["text"] == r["choices"]["text"]
             assert d["choices"]["label"].index(d["answerKey"]) == r["choices"]["label"].index(r["answerKey"].lstrip())
+
+
+def test_eval_cli_tasks_alone_skips_perplexity(tiny_model_dir, text_file, tmp_path, capsys):
+    from capllm.cli.main import main
+
+    tasks = str(write_task(tmp_path))
+    out = tmp_path / "zs"
+    assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "tiny_mc", "--include-path", tasks, "--zs-source", "local",
+                 "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    res = json.loads((out / "result.json").read_text())
+    assert res["perplexity"] is None and res["zeroshot"]["tasks"]["tiny_mc"]["n"] == len(DOCS)
+    assert "tiny_mc" in stdout and "perplexity" not in stdout
+    out2 = tmp_path / "both"
+    assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "tiny_mc", "--include-path", tasks, "--zs-source", "local", "--limit", "3",
+                 "--dataset", str(text_file), "--seqlen", "64", "--max-windows", "1", "--device", "cpu", "--quiet", "--out", str(out2)]) == 0
+    res = json.loads((out2 / "result.json").read_text())
+    assert res["perplexity"]["windows"] == 1 and res["zeroshot"]["tasks"]["tiny_mc"]["n"] == 3
