@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,7 +180,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: Iterable[str] | str = DEFAULT_TAS
         n_docs = len(task.eval_docs)
         idx = subsample(n_docs, cfg.limit, cfg.seed)
         if progress:
-            print(f"capllm: zero-shot {name}: {len(idx) if idx else n_docs} of {n_docs} documents ({origin[name]})", flush=True)
+            print(f"capllm: zero-shot {name}: {len(idx) if idx else n_docs} of {n_docs} documents ({origin[name]})", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         res = evaluate(lm=lm, task_dict=loaded, samples={name: idx} if idx else None, bootstrap_iters=1000, log_samples=log_samples)
         dt = time.perf_counter() - t0
