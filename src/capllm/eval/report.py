@@ -232,7 +232,13 @@ def write_report(root: str | Path, names: list[str] | None = None, peers: list[d
     by_model: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_model[r["model"]["name"]].append(r)
-    md = [f"# Benchmark grid: {root.name}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} from {len(rows)} finished cell(s) under `{root}/cells/`.", ""]
+    md = [f"# Benchmark grid: {root.name}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} from {len(rows)} finished cell(s) under `{root}/cells/`."]
+    bench = root / "bench.json"
+    if bench.exists():
+        cmds = json.loads(bench.read_text()).get("commands", {})
+        if cmds:
+            md.append(f"Each cell is one process; its exact command is in `bench.json`, e.g. `{next(iter(cmds.values()))}`.")
+    md.append("")
     missing = [n for n in (names or []) if n not in {r["_cell"] for r in rows}]
     if missing:
         md += [f"Not finished (or failed; see `logs/`): {', '.join(missing)}", ""]
