@@ -183,3 +183,51 @@ def test_initial_probabilities_respect_budget():
         s0, key = initial_probabilities(pools, c, K, kind, temperature=0.3)
         assert float((s0 * c).sum()) == pytest.approx(K, rel=1e-4)
         assert s0.min() >= 0 and s0.max() <= 1
+
+
+def test_fisher_scores_equal_kfac_trace():
+    """Each candidate's fisher score equals ½ tr(ΔWᵀ diag(G) ΔW A) for the ΔW of removing it."""
+    p = _pool(7)
+    pools = CandidatePools([p])
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, p.shape[1], generator=g)
+    A = X.t() @ X / 300
+    G = torch.rand(p.shape[0], generator=g) + 0.1
+    imp = importances(pools, "fisher", {p.name: A}, normalize="none", out_grad_sq={p.name: G})
+
+    def kfac(dW):
+        return 0.5 * float(torch.trace(dW.t() @ torch.diag(G) @ dW @ A))
+
+    for i in range(p.rank):
+        dW = p.sigma[i] * torch.outer(p.U[:, i], p.V[:, i])
+        assert float(imp[i]) == pytest.approx(kfac(dW), rel=1e-4)
+    idx = p.support()
+    for t in range(6):
+        dW = torch.zeros(p.shape)
+        dW.view(-1)[idx[t]] = p.S.view(-1)[idx[t]]
+        assert float(imp[p.rank + t]) == pytest.approx(kfac(dW), rel=1e-4)
+
+
+def test_output_gradient_statistics_match_autograd():
+    from capllm.allocate.stage1 import collect_output_grad_sq
+    from capllm.data.calibration import CalibrationSet
+    from capllm.data.sources import TextSource
+    from capllm.engine.context import CompressionContext
+    from conftest import tiny_model
+
+    model = tiny_model("llama", seed=2)
+    w = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    ctx = CompressionContext(model, CalibrationSet(w, TextSource("r", "none", "", "t", 0), 0), torch.device("cpu"), progress=False)
+    G = collect_output_grad_sq(ctx)
+    target = model.model.layers[1].mlp.down_proj
+    total = torch.zeros(target.out_features, dtype=torch.float64)
+    for x in w:
+        outs = []
+        h = target.register_forward_hook(lambda m, i, o: outs.append(o))
+        logits = model(x.unsqueeze(0)).logits[0, :-1]
+        h.remove()
+        loss = torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum")
+        (gy,) = torch.autograd.grad(loss, outs[0])
+        total += gy.double().pow(2).reshape(-1, gy.shape[-1]).sum(0)
+    torch.testing.assert_close(G["model.layers.1.mlp.down_proj"].double(), total / (2 * 15), rtol=1e-4, atol=1e-10)
+    assert not any(p.requires_grad is False for p in model.parameters())  # requires_grad restored

@@ -133,6 +133,7 @@ class JobConfig:
     dense_cache: bool = True
     zeroshot: Any = None  # capllm.eval.zeroshot.ZeroShotConfig: zero-shot of the compressed model (in memory)
     generation: Any = None  # capllm.eval.generation.GenerationConfig: long-form check against the dense model
+    plot: bool = False  # write allocation.png (methods that report an allocation)
 
 
 def default_out_dir(model: str, method: str, ratio: float) -> Path:
@@ -206,4 +207,11 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
     })
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "result.json", result)
+        alloc = result.get("method_results", {}).get("allocation")
+        if job.plot and alloc:
+            from capllm.allocate.plot import plot_allocation
+
+            plot_allocation(alloc, tmp / "allocation.png", f"{result['method']} {result['ratio']:.0%} — {result['model']['name']}")
+        elif job.plot:
+            log(f"capllm: --plot: method {result['method']} reports no per-matrix allocation; no plot written")
     return result

@@ -7,6 +7,12 @@ Importance of a candidate = the energy it contributes to its layer's output, to 
 * ``activation``: direction ``σ_i² · v_iᵀ C v_i``, entry ``S_ij² · C_jj``, with
   ``C = E[x xᵀ]`` the layer's input second moment (``E‖σ_i u_i v_iᵀ x‖² = σ_i² v_iᵀCv_i``) —
   the activation-aware scores ``σ_i‖V_iᵀX‖`` and ``|S_ij|‖X_j‖`` of the issue, squared;
+* ``fisher``: the K-FAC second-order estimate of the increase of the *loss* when the
+  candidate is removed, ``½ ΔWᵀ F ΔW`` with the layer's Fisher block ``F ≈ A ⊗ G``
+  (``A = E[x xᵀ]``, ``G = diag E[g_i²]`` of the output gradients ``g = ∂ℒ/∂y``): direction
+  ``½ σ_i² (u_iᵀ G u_i)(v_iᵀ A v_i)``, entry ``½ S_ij² A_jj G_ii``. In loss units, so it compares
+  candidates *across* layers without normalisation, and ``G_ii`` balances output rows (what
+  Wanda's per-row comparison does by construction);
 * ``constant``: every candidate equally important.
 
 ``normalize="matrix"`` divides each matrix's importances by their sum, so every layer's scores
@@ -28,10 +34,11 @@ import torch
 
 from capllm.allocate.pools import CandidatePools
 
-SCORE_KINDS = ("activation", "magnitude", "constant")
+SCORE_KINDS = ("fisher", "activation", "magnitude", "constant")
 
 
-def importances(pools: CandidatePools, kind: str, grams: dict[str, torch.Tensor] | None = None, normalize: str = "matrix") -> torch.Tensor:
+def importances(pools: CandidatePools, kind: str, grams: dict[str, torch.Tensor] | None = None, normalize: str = "matrix",
+                out_grad_sq: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-candidate importance (fp32, ≥ 0), in pool order."""
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind {kind!r}")
@@ -43,7 +50,7 @@ def importances(pools: CandidatePools, kind: str, grams: dict[str, torch.Tensor]
             continue
         sig2 = p.sigma.double() ** 2
         vals2 = p.entry_values().double() ** 2
-        if kind == "activation":
+        if kind in ("activation", "fisher"):
             if grams is None or p.name not in grams:
                 raise ValueError(f"activation scores need the input statistics of {p.name}")
             C = grams[p.name].double()
@@ -54,8 +61,14 @@ def importances(pools: CandidatePools, kind: str, grams: dict[str, torch.Tensor]
                 diag = C
                 vcv = (p.V.double() ** 2 * diag.unsqueeze(1)).sum(0)
             sig2 = sig2 * vcv.clamp_min(0)
-            cols = p.support() % p.shape[1]
-            vals2 = vals2 * diag[cols]
+            sup = p.support()
+            vals2 = vals2 * diag[sup % p.shape[1]]
+            if kind == "fisher":
+                if out_grad_sq is None or p.name not in out_grad_sq:
+                    raise ValueError(f"fisher scores need the output-gradient statistics of {p.name}")
+                G = out_grad_sq[p.name].double()
+                sig2 = 0.5 * sig2 * ((p.U.double() ** 2) * G.unsqueeze(1)).sum(0)
+                vals2 = 0.5 * vals2 * G[sup // p.shape[1]]
         seg[: p.rank] = sig2.float()
         seg[p.rank :] = vals2.float()
         if normalize == "matrix":
@@ -67,7 +80,7 @@ def importances(pools: CandidatePools, kind: str, grams: dict[str, torch.Tensor]
     return out
 
 
-def soft_knapsack(value_per_cost: torch.Tensor, cost: torch.Tensor, budget: float, temperature: float, iters: int = 100) -> torch.Tensor:
+def soft_knapsack(value_per_cost: torch.Tensor, cost: torch.Tensor, budget: float, temperature: float, iters: int = 48) -> torch.Tensor:
     """``sigmoid((log v − τ)/T)`` with ``τ`` chosen so that ``Σ c s = budget``."""
     logv = torch.log(value_per_cost.double().clamp_min(1e-300)).float()
     logv[value_per_cost <= 0] = -math.inf
@@ -88,10 +101,16 @@ def soft_knapsack(value_per_cost: torch.Tensor, cost: torch.Tensor, budget: floa
     return torch.sigmoid((logv - hi) / temperature)
 
 
-def initial_probabilities(pools: CandidatePools, cost: torch.Tensor, budget: float, kind: str, grams=None, normalize: str = "matrix", temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def value_per_cost(pools: CandidatePools, cost: torch.Tensor, kind: str, grams=None, normalize: str = "matrix", out_grad_sq=None) -> torch.Tensor:
+    """The ranking key: importance per parameter."""
+    return importances(pools, kind, grams, normalize, out_grad_sq) / cost
+
+
+def initial_probabilities(pools: CandidatePools, cost: torch.Tensor, budget: float, kind: str, grams=None, normalize: str = "matrix", temperature: float = 0.5,
+                          out_grad_sq=None, vpc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s0, value_per_cost)``: the starting keep-probabilities and the ranking key behind them."""
-    imp = importances(pools, kind, grams, normalize)
-    vpc = imp / cost
+    if vpc is None:
+        vpc = value_per_cost(pools, cost, kind, grams, normalize, out_grad_sq)
     if kind == "constant":
         return torch.full_like(cost, budget / float(cost.sum(dtype=torch.float64))), vpc
     return soft_knapsack(vpc, cost, budget, temperature), vpc

@@ -31,6 +31,51 @@ class Stage1Options:
     rpca_tol: float = 1e-7
 
 
+def collect_output_grad_sq(ctx) -> dict[str, torch.Tensor]:
+    """``{linear name: G = E[g_i²] (m,)}``, ``g = ∂ℒ/∂y`` of each linear's output, dense model.
+
+    One forward and backward pass per calibration window with the token-mean cross-entropy
+    ``ℒ``; no parameter gradients are formed (the graph starts at the input embeddings). With
+    the input second moment ``A = E[x xᵀ]`` this is the K-FAC (Kronecker-factored Fisher)
+    approximation of the loss curvature of each layer, used by the ``fisher`` scores.
+    """
+    import torch.nn.functional as F
+
+    model = ctx.model
+    sums = {h.name: torch.zeros(h.shape[0], dtype=torch.float64) for h in ctx.linears}
+    count = 0
+
+    def grad_hook(name):
+        def accumulate(g):
+            sums[name].add_(g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0).cpu())
+
+        def fn(mod, inp, out):
+            if out.requires_grad:
+                out.register_hook(accumulate)
+        return fn
+
+    hooks = [h.module.register_forward_hook(grad_hook(h.name)) for h in ctx.linears]
+    was = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    model.to(ctx.device)
+    emb = model.get_input_embeddings()
+    try:
+        for w in ctx.calibration.windows:
+            ids = w.unsqueeze(0).to(ctx.device)
+            x = emb(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=x, use_cache=False).logits[0, :-1].float()
+            # summed (not mean) loss: per-token gradients, the empirical Fisher of the token losses
+            F.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
+            count += ids.shape[1] - 1
+    finally:
+        for hk in hooks:
+            hk.remove()
+        for p, r in zip(model.parameters(), was):
+            p.requires_grad_(r)
+    model.to("cpu")
+    return {k: (v / count).float() for k, v in sums.items()}
+
+
 @torch.no_grad()
 def collect_grams(ctx, full: bool = True) -> dict[str, torch.Tensor]:
     """``{linear name: E[x xᵀ] (n × n)}`` (``full``) or ``{name: E[x_j²] (n,)}`` from the dense model."""

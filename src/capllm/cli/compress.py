@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     c.add_argument("--eval", dest="evaluate", action="store_true", default=True, help="evaluate perplexity before and after (default)")
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation")
     c.add_argument("--max-windows", type=int, default=16, help="evaluation windows to score (default 16; 0 = all)")
+    c.add_argument("--plot", action="store_true", help="write allocation.png: rank and sparsity kept per layer and module (cap methods)")
     c.add_argument("--no-dense-cache", action="store_true", help="re-evaluate the dense model even if a cached figure exists")
     add_eval_args(c, "--eval-seqlen")
     add_zeroshot_args(c, "--zs-seed")
@@ -54,6 +55,7 @@ def run(a) -> int:
         dense_cache=not a.no_dense_cache,
         zeroshot=zeroshot_config(a),
         generation=generation_config(a),
+        plot=a.plot,
     )
     result = run_compress_job(job, log=lambda s: print(s, file=sys.stderr))
     print(summary_table(result))

@@ -13,7 +13,7 @@ import sys
 
 from capllm.errors import CapllmError
 
-SUBCOMMANDS = ["compress", "eval", "bench", "download", "methods"]
+SUBCOMMANDS = ["compress", "decompose", "eval", "bench", "download", "methods"]
 _MODULE = {"eval": "evaluate"}  # subcommand → module name where they differ
 
 

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from capllm.allocate.final_mask import greedy_fill
 from capllm.allocate.policy import PolicyConfig, run_policy
 from capllm.allocate.pools import CandidatePools, MatrixPool
-from capllm.allocate.scores import initial_probabilities
-from capllm.allocate.stage1 import Stage1Options, collect_grams, stage1_pools
+from capllm.allocate.refit import Decision, refit_layerwise
+from capllm.allocate.scores import initial_probabilities, value_per_cost
+from capllm.allocate.stage1 import Stage1Options, collect_grams, collect_output_grad_sq, stage1_pools
 from capllm.errors import CapllmError
 from capllm.methods.base import CompressedWeight, Method, register
 
@@ -36,8 +37,8 @@ from capllm.methods.base import CompressedWeight, Method, register
 @dataclass(frozen=True)
 class CapOptions(Stage1Options):
     # initial scores
-    score: str = "activation"  # activation | magnitude | constant
-    normalize: str = "matrix"  # matrix | none
+    score: str = "fisher"  # fisher | activation | magnitude | constant
+    normalize: str = "auto"  # matrix | none | auto (none for fisher, whose scores are in loss units; else matrix)
     temperature: float = 0.5
     # policy (paper: 3 steps, lr 0.05, moving-average baseline over 5)
     steps: int = 3
@@ -50,6 +51,19 @@ class CapOptions(Stage1Options):
     granularity: str = "candidate"  # candidate | group
     groups_per_matrix: int = 32
     seed: int = 0
+    # our addition: reconstruct the kept sparse values on the chosen support (none = the paper)
+    refit: str = "obs"  # obs | none
+
+
+def _normalize(o) -> str:
+    return ("none" if o.score == "fisher" else "matrix") if o.normalize == "auto" else o.normalize
+
+
+def _statistics(ctx, o) -> tuple[dict | None, dict | None]:
+    """Input second moments (full when a score or loss needs them) and output-gradient moments."""
+    grams = collect_grams(ctx, full=o.score in ("activation", "fisher") or getattr(o, "loss", "") == "recon") if (o.score != "constant" or o.act_aware or getattr(o, "loss", "") == "recon") else None
+    gsq = collect_output_grad_sq(ctx) if o.score == "fisher" else None
+    return grams, gsq
 
 
 def _budget(pools: CandidatePools, ratio: float) -> int:
@@ -73,17 +87,26 @@ def _allocation(pools: CandidatePools, keep: torch.Tensor, budget: int) -> list[
     return rows
 
 
-def apply_mask(ctx, pools: CandidatePools, keep: torch.Tensor) -> None:
-    """Write the selected factors and entries into the model (one module per matrix)."""
-    handles = {h.name: h for h in ctx.linears}
+def apply_mask(ctx, pools: CandidatePools, keep: torch.Tensor, refit: str = "none") -> None:
+    """Write the selected factors and entries into the model (one module per matrix).
+
+    ``refit="obs"`` re-solves the kept sparse values layer by layer (:mod:`capllm.allocate.refit`);
+    the model must then still hold its original weights.
+    """
+    decisions = {}
     for p in pools.matrices:
         U, V, S = p.compose(keep[p.offset : p.offset + p.size])
-        if U is None and S is None:
-            S = torch.zeros(p.shape)
-        cw = CompressedWeight(S=S, mask=None if S is None else S != 0, U=U, V=V, info={"rank_pool": p.rank, "nnz_pool": p.nnz})
-        if U is None:
-            cw.mask = S != 0
-        ctx.apply(handles[p.name], cw)
+        mask = torch.zeros(p.shape, dtype=torch.bool) if S is None else S != 0
+        decisions[p.name] = Decision(U, V, S, mask)
+    if refit == "obs":
+        refit_layerwise(ctx, decisions)
+        return
+    if refit != "none":
+        raise CapllmError(f"cap option refit={refit!r}: use obs or none")
+    handles = {h.name: h for h in ctx.linears}
+    for name, d in decisions.items():
+        S = d.S if d.S is not None or d.U is not None else torch.zeros(d.mask.shape)
+        ctx.apply(handles[name], CompressedWeight(S=S, mask=d.mask if S is not None else None, U=d.U, V=d.V))
 
 
 def _groups(pools: CandidatePools, cost: torch.Tensor, key: torch.Tensor, per_matrix: int) -> torch.Tensor:
@@ -107,6 +130,12 @@ class _LMLoss:
     def __init__(self, ctx, pools: CandidatePools, windows: torch.Tensor) -> None:
         self.ctx, self.pools, self.windows = ctx, pools, windows
         self.handles = {h.name: h for h in ctx.linears}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put ``W = L + S`` (the dense weights, to the RPCA tolerance) back into the model."""
+        for p in self.pools.matrices:
+            self.handles[p.name].set_weight(p.dense(torch.ones(p.size, dtype=torch.bool)))
 
     @torch.no_grad()
     def __call__(self, keep: torch.Tensor) -> float:
@@ -150,7 +179,7 @@ class Cap(Method):
         if ctx.calibration is None:
             raise CapllmError("cap needs calibration data")
         with ctx.timer.stage("stage1_stats"):
-            grams = collect_grams(ctx, full=o.score == "activation" or o.loss == "recon")
+            grams, gsq = _statistics(ctx, o)
         originals = {h.name: h.weight_copy() for h in ctx.linears} if o.loss == "recon" else None
         with ctx.timer.stage("stage1_rpca"):
             pools = stage1_pools(ctx, o, grams)
@@ -158,16 +187,19 @@ class Cap(Method):
         _check_budget(pools, budget)
         with ctx.timer.stage("stage2_scores"):
             cost = pools.costs()
-            s0, key = initial_probabilities(pools, cost, budget, o.score, grams, o.normalize, o.temperature)
-        keep0 = greedy_fill(s0, cost, budget, tiebreak=key)
-        curve, s = [], s0
+            key = value_per_cost(pools, cost, o.score, grams, _normalize(o), gsq)
+        with ctx.timer.stage("stage2_final"):
+            keep0 = greedy_fill(key, cost, budget)  # the mask of the initial scores (0 policy steps)
+        curve, keep = [], keep0
         if o.steps > 0:
             with ctx.timer.stage("stage2_policy"):
+                s0, _ = initial_probabilities(pools, cost, budget, o.score, temperature=o.temperature, vpc=key)
                 s, curve = self._train(ctx, pools, cost, budget, s0, key, grams, originals)
-        with ctx.timer.stage("stage2_final"):
-            keep = greedy_fill(s, cost, budget, tiebreak=key)
+            with ctx.timer.stage("stage2_final"):
+                keep = greedy_fill(s, cost, budget, tiebreak=key)
         achieved = pools.kept_cost(keep)
-        apply_mask(ctx, pools, keep)
+        with ctx.timer.stage("refit" if o.refit != "none" else "apply"):
+            apply_mask(ctx, pools, keep, o.refit)
         ctx.extra.update({
             "budget": {"target": budget, "achieved": achieved, "slack": budget - achieved,
                        "max_direction_cost": max(p.direction_cost for p in pools.matrices)},
@@ -187,8 +219,16 @@ class Cap(Method):
         else:
             raise CapllmError(f"cap option loss={o.loss!r}: use lm or recon")
         pcfg = PolicyConfig(steps=o.steps, samples=o.samples, lr=o.lr, baseline=o.baseline, antithetic=o.antithetic, seed=o.seed)
+        try:
+            return self._run(pools, cost, budget, s0, key, loss, pcfg, ctx.progress)
+        finally:
+            if isinstance(loss, _LMLoss):
+                loss.restore()
+
+    def _run(self, pools, cost, budget, s0, key, loss, pcfg, progress):
+        o = self.options
         if o.granularity == "candidate":
-            res = run_policy(s0, cost, budget, loss, pcfg, ctx.progress)
+            res = run_policy(s0, cost, budget, loss, pcfg, progress)
             return res.s, res.curve
         if o.granularity != "group":
             raise CapllmError(f"cap option granularity={o.granularity!r}: use candidate or group")
@@ -196,7 +236,7 @@ class Cap(Method):
         nunits = int(unit.max()) + 1
         ucost = torch.zeros(nunits, dtype=torch.float64).index_add_(0, unit, cost.double())
         us0 = torch.zeros(nunits, dtype=torch.float64).index_add_(0, unit, (s0 * cost).double()) / ucost
-        res = run_policy(us0.float(), ucost.float(), budget, lambda um: loss(um[unit]), pcfg, ctx.progress)
+        res = run_policy(us0.float(), ucost.float(), budget, lambda um: loss(um[unit]), pcfg, progress)
         return res.s[unit], res.curve
 
 
@@ -209,17 +249,19 @@ class CapUniform(Method):
     def compress_model(self, ctx) -> None:
         o = self.options
         with ctx.timer.stage("stage1_stats"):
-            grams = collect_grams(ctx, full=o.score == "activation")
+            grams, gsq = _statistics(ctx, o)
         with ctx.timer.stage("stage1_rpca"):
             pools = stage1_pools(ctx, o, grams)
         budget = _budget(pools, self.ratio)
         cost = pools.costs()
-        s0, key = initial_probabilities(pools, cost, budget, o.score, grams, o.normalize, o.temperature)
+        with ctx.timer.stage("stage2_scores"):
+            key = value_per_cost(pools, cost, o.score, grams, _normalize(o), gsq)
         keep = torch.zeros(pools.size, dtype=torch.bool)
         for p in pools.matrices:
             sl = slice(p.offset, p.offset + p.size)
-            keep[sl] = greedy_fill(s0[sl], cost[sl], int((1.0 - self.ratio) * p.shape[0] * p.shape[1]), tiebreak=key[sl])
-        apply_mask(ctx, pools, keep)
+            keep[sl] = greedy_fill(key[sl], cost[sl], int((1.0 - self.ratio) * p.shape[0] * p.shape[1]))
+        with ctx.timer.stage("refit" if o.refit != "none" else "apply"):
+            apply_mask(ctx, pools, keep, o.refit)
         ctx.extra.update({"budget": {"target": budget, "achieved": pools.kept_cost(keep)}, "pools": pools.describe(),
                           "allocation": _allocation(pools, keep, budget)})
 
@@ -227,6 +269,7 @@ class CapUniform(Method):
 @dataclass(frozen=True)
 class ThresholdOptions(Stage1Options):
     rank_share: float = 0.3  # fraction of the budget spent on singular directions
+    refit: str = "none"  # obs | none
 
 
 @register
@@ -254,7 +297,7 @@ class RpcaThreshold(Method):
         keep[is_dir] = greedy_fill(mag[is_dir], cost[is_dir], dir_budget)
         spent = int(cost[keep].double().sum())
         keep[~is_dir] = greedy_fill(mag[~is_dir], cost[~is_dir], budget - spent)
-        apply_mask(ctx, pools, keep)
+        apply_mask(ctx, pools, keep, o.refit)
         ctx.extra.update({"budget": {"target": budget, "achieved": pools.kept_cost(keep)}, "pools": pools.describe(),
                           "allocation": _allocation(pools, keep, budget)})
 

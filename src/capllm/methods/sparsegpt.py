@@ -24,8 +24,12 @@ from capllm.errors import CapllmError
 from capllm.methods.base import CompressedWeight, Method, register
 
 
-def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structure=None, blocksize: int = 128, percdamp: float = 0.01):
-    """Return ``(pruned W, keep mask, info)``; ``H`` is ``E[x xᵀ]`` (n × n)."""
+def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structure=None, blocksize: int = 128, percdamp: float = 0.01, keep_mask: torch.Tensor | None = None):
+    """Return ``(pruned W, keep mask, info)``; ``H`` is ``E[x xᵀ]`` (n × n).
+
+    ``keep_mask`` fixes the support instead of choosing it (``ratio`` and ``structure`` are then
+    ignored): the OBS updates reconstruct the kept weights for that given mask — CAP's refit.
+    """
     W = weight.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     H = H.clone().float()
     m, n = W.shape
@@ -54,7 +58,9 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structu
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
-        if structure is None:
+        if keep_mask is not None:
+            prune1 = ~keep_mask[:, i1:i2].to(W.device)
+        elif structure is None:
             score = (W1**2 / d1.unsqueeze(0) ** 2).reshape(-1)
             k = int(score.numel() * ratio)
             if k:
@@ -62,7 +68,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structu
         for i in range(count):
             w = W1[:, i]
             d = Hinv1[i, i]
-            if structure is not None and i % structure.m == 0:
+            if keep_mask is None and structure is not None and i % structure.m == 0:
                 g = W1[:, i : i + structure.m] ** 2 / d1[i : i + structure.m].unsqueeze(0) ** 2
                 prune1.scatter_(1, i + torch.topk(g, structure.m - structure.n, dim=1, largest=False).indices, True)
             q = w.clone()

@@ -1,0 +1,255 @@
+"""CAP Stage 1 benchmarks on SmolLM2-135M: speed of our robust PCA against the plain reference
+IALM, the whole-model Stage 1, and the paper's Figure 2 (perplexity of L + S after k iterations).
+
+    flock /work/locks/heavy.lock python benchmarks/rpca_speed.py speed --threads 2
+    flock /work/locks/heavy.lock python benchmarks/rpca_speed.py model --workers 2
+    flock /work/locks/heavy.lock python benchmarks/rpca_speed.py fig2 --data-dir ../shared/data
+    flock /work/locks/heavy.lock python benchmarks/rpca_speed.py schedule
+
+``speed``: for every weight shape, a few matrices (layers 0, 15, 29 by default) decomposed by
+(a) :func:`capllm.decompose.reference.rpca_reference` (full float64 LAPACK SVD every iteration)
+and (b) :func:`capllm.decompose.rpca` (default options) in the same process, same threads; the
+wall time per matrix, iterations, final residual and the agreement of ``L`` and ``S``.
+``model``: :func:`capllm.decompose.decompose_model` over all 210 decoder linears.
+``fig2``: every decoder linear replaced by ``L + S`` after k IALM iterations; WikiText-2 test
+perplexity (seqlen 512, first 64 windows). Each part writes ``benchmarks/results/rpca/<part>.json``
+and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "rpca"
+MODEL = "smollm2-135m"
+ROLES = {"576x576 (q_proj/o_proj)": "self_attn.q_proj", "192x576 (k_proj/v_proj)": "self_attn.k_proj",
+         "1536x576 (gate_proj/up_proj)": "mlp.gate_proj", "576x1536 (down_proj)": "mlp.down_proj"}
+ARGS = None
+COUNT = {"self_attn.q_proj": 60, "self_attn.k_proj": 60, "mlp.gate_proj": 60, "mlp.down_proj": 30}  # matrices of that shape in the model
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat()}
+
+
+def write(part: str, obj: dict) -> None:
+    out = Path(ARGS.results)
+    out.mkdir(parents=True, exist_ok=True)
+    obj["command"] = "python " + " ".join(sys.argv)
+    (out / f"{part}.json").write_text(json.dumps(obj, indent=2) + "\n")
+    print(f"wrote {out / f'{part}.json'}", file=sys.stderr)
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def part_speed(a) -> None:
+    import capllm
+    from capllm.decompose import rpca
+    from capllm.decompose.reference import rpca_reference
+    from capllm.models.layers import find_linears
+
+    torch.set_num_threads(a.threads)
+    model, _ = capllm.load_model(a.model)
+    handles = {h.name: h for h in find_linears(model)}
+    rows, per_shape = [], {}
+    for label, role in ROLES.items():
+        for layer in a.layers:
+            name = f"model.layers.{layer}.{role}"
+            W = handles[name].weight_copy()
+            t = time.perf_counter()
+            ref = rpca_reference(W, max_iter=a.max_iter)
+            t_ref = time.perf_counter() - t
+            t = time.perf_counter()
+            res = rpca(W, max_iter=a.max_iter)
+            t_ours = time.perf_counter() - t
+            t = time.perf_counter()
+            gram_only = rpca(W, max_iter=a.max_iter, svd="gram")  # ablation: no partial steps
+            t_gram = time.perf_counter() - t
+            nW = W.double().norm()
+            row = {"shape": label, "name": name, "ref_s": round(t_ref, 3), "ours_s": round(t_ours, 3), "speedup": round(t_ref / t_ours, 2), "ours_gram_only_s": round(t_gram, 3),
+                   "gram_only_same": rel(gram_only.L(), res.L()) < 1e-6 and gram_only.nnz == res.nnz,
+                   "ref_iterations": ref["iterations"], "ours_iterations": res.iterations, "ref_residual": ref["residual"], "ours_residual": res.residual,
+                   "rank": res.rank, "rank_fraction": round(res.rank / min(W.shape), 4), "ref_rank": ref["ranks"][-1],
+                   "nnz_fraction": round(res.nnz / W.numel(), 4), "ref_nnz_fraction": round(float((ref["S"] != 0).double().mean()), 4),
+                   "dL": float((res.L().double() - ref["L"]).norm() / nW), "dS": float((res.S.double() - ref["S"]).norm() / nW),
+                   "partial_steps": sum(h["svd"] == "partial" for h in res.history)}
+            rows.append(row)
+            per_shape.setdefault(label, []).append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    summary = []
+    est_ref = est_ours = 0.0
+    for label, rs in per_shape.items():
+        mr, mo = statistics.median(r["ref_s"] for r in rs), statistics.median(r["ours_s"] for r in rs)
+        summary.append({"shape": label, "matrices": len(rs), "ref_median_s": mr, "ours_median_s": mo, "speedup": round(mr / mo, 2),
+                        "ours_gram_only_median_s": statistics.median(r["ours_gram_only_s"] for r in rs),
+                        "iterations": sorted({r["ours_iterations"] for r in rs}), "max_dL": max(r["dL"] for r in rs), "max_dS": max(r["dS"] for r in rs)})
+        est_ref += mr * COUNT[ROLES[label]]
+        est_ours += mo * COUNT[ROLES[label]]
+    out = {"machine": machine(), "threads": a.threads, "layers": a.layers, "rows": rows, "summary": summary,
+           "whole_model_estimate_s": {"reference": round(est_ref, 1), "ours_sequential": round(est_ours, 1), "speedup": round(est_ref / est_ours, 2)}}
+    write(f"speed-t{a.threads}", out)
+    print("| shape | matrices | iterations | reference (full fp64 SVD) s | ours s | speed-up | ours without partial steps s | max ‖ΔL‖/‖W‖, ‖ΔS‖/‖W‖ vs reference |\n|---|---|---|---|---|---|---|---|")
+    for s in summary:
+        print(f"| {s['shape']} | {s['matrices']} | {s['iterations'][0]}–{s['iterations'][-1]} | {s['ref_median_s']:.2f} | {s['ours_median_s']:.2f} | {s['speedup']:.1f}× | "
+              f"{s['ours_gram_only_median_s']:.2f} | {s['max_dL']:.1e}, {s['max_dS']:.1e} |")
+    print(f"\nwhole model (210 matrices, estimate from the medians): reference {est_ref:.0f} s, ours {est_ours:.0f} s sequential")
+
+
+def part_model(a) -> None:
+    import capllm
+    from capllm.decompose import RPCAConfig, decompose_model
+
+    torch.set_num_threads(a.threads)
+    model, _ = capllm.load_model(a.model)
+    out_dir = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="rpca-smollm2-"))
+    t = time.perf_counter()
+    man = decompose_model(model, RPCAConfig(max_iter=a.max_iter), out_dir, progress=True, workers=a.workers)
+    wall = time.perf_counter() - t
+    mats = man["matrices"]
+    by_role: dict[str, list] = {}
+    for name, m in mats.items():
+        by_role.setdefault(name.split(".", 3)[3], []).append(m)
+    roles = []
+    for role, ms in by_role.items():
+        roles.append({"role": role, "shape": ms[0]["shape"], "matrices": len(ms), "iterations": [min(x["iterations"] for x in ms), max(x["iterations"] for x in ms)],
+                      "rank_fraction": [min(x["rank_fraction"] for x in ms), max(x["rank_fraction"] for x in ms)],
+                      "nnz_fraction": [min(x["nnz_fraction"] for x in ms), max(x["nnz_fraction"] for x in ms)],
+                      "max_residual": max(x["residual"] for x in ms), "median_s": statistics.median(x["seconds"] for x in ms)})
+    dense = sum(m["shape"][0] * m["shape"][1] for m in mats.values())
+    pool = sum(m["rank"] * (m["shape"][0] + m["shape"][1]) + m["nnz"] for m in mats.values())
+    out = {"machine": machine(), "workers": a.workers, "wall_s": round(wall, 1), "matrices": len(mats), "converged": sum(m["converged"] for m in mats.values()),
+           "cache_dir": str(out_dir), "candidate_pool_over_dense": round(pool / dense, 4), "roles": roles, "per_matrix": mats}
+    write("model", out)
+    print(f"whole SmolLM2-135M Stage 1: {wall:.0f} s wall, {out['converged']}/{len(mats)} converged, candidate pool {pool / dense:.2f}× dense")
+    print("| role | shape | iterations | rank(L) / full | nnz(S) / mn | max residual | median s |\n|---|---|---|---|---|---|---|")
+    for r in roles:
+        print(f"| {r['role']} | {r['shape'][0]}×{r['shape'][1]} | {r['iterations'][0]}–{r['iterations'][1]} | {r['rank_fraction'][0]:.0%}–{r['rank_fraction'][1]:.0%} | "
+              f"{r['nnz_fraction'][0]:.0%}–{r['nnz_fraction'][1]:.0%} | {r['max_residual']:.1e} | {r['median_s']:.2f} |")
+
+
+def part_fig2(a) -> None:
+    import capllm
+    from capllm.decompose import RPCAConfig, decompose_in_memory, iter_decompositions
+    from capllm.eval.perplexity import PerplexityConfig, evaluate_perplexity
+    from capllm.models.layers import find_linears
+
+    torch.set_num_threads(a.threads)
+    pcfg = PerplexityConfig("wikitext2", "test", a.eval_seqlen, a.max_windows, 1, a.data_dir)
+    rows = []
+    for k in a.iters:
+        model, tok = capllm.load_model(a.model)
+        t = time.perf_counter()
+        if k == "converged" and a.cache:
+            results = dict(iter_decompositions(a.cache))
+            cfg_note = f"loaded from {a.cache}"
+        else:
+            cfg = RPCAConfig() if k == "converged" else RPCAConfig(max_iter=int(k), tol=0.0 if int(k) > 0 else 1e-7)
+            results = decompose_in_memory(model, cfg, workers=a.workers, progress=True)
+            cfg_note = json.dumps(cfg.to_dict())
+        t_dec = time.perf_counter() - t
+        handles = find_linears(model)
+        resid = []
+        for h in handles:
+            r = results[h.name]
+            W = h.weight_copy()
+            LS = r.dense()
+            resid.append(float((W - LS).norm() / W.norm()))
+            h.set_weight(LS)
+        its = sorted({r.iterations for r in results.values()})
+        del results
+        ppl = evaluate_perplexity(model, tok, pcfg, progress=False)
+        row = {"iterations": k, "iterations_run": [its[0], its[-1]], "perplexity": ppl["value"], "max_rel_residual": max(resid), "median_rel_residual": statistics.median(resid),
+               "decompose_s": round(t_dec, 1), "eval": {x: ppl[x] for x in ("dataset", "split", "seqlen", "windows", "tokens", "origin")}, "config": cfg_note}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        del model
+    out = {"machine": machine(), "rows": rows, "dense_perplexity": a.dense_ppl, "paper_figure2": {"1": 32497, "3": 5.18, "10": 5.13, "100": 5.16}}
+    write("fig2", out)
+    print("| IALM iterations | ppl (L + S) | max ‖W − L − S‖/‖W‖ |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['iterations']} | {r['perplexity']:.2f} | {r['max_rel_residual']:.1e} |")
+
+
+def part_schedule(a) -> None:
+    """The μ growth ρ as an option: iterations and time against the quality of the split."""
+    import capllm
+    from capllm.decompose import rpca
+    from capllm.models.layers import find_linears
+
+    torch.set_num_threads(a.threads)
+    model, _ = capllm.load_model(a.model)
+    handles = {h.name: h for h in find_linears(model)}
+    rows = []
+    for role in ROLES.values():
+        for layer in a.layers:
+            name = f"model.layers.{layer}.{role}"
+            W = handles[name].weight_copy()
+            base = None
+            for rho in a.rhos:
+                t = time.perf_counter()
+                r = rpca(W, rho=rho)
+                secs = time.perf_counter() - t
+                obj = float(torch.linalg.svdvals(r.L().double()).sum() + r.lam * r.S.double().abs().sum())
+                base = base or (obj, r)
+                rows.append({"name": name, "rho": rho, "iterations": r.iterations, "seconds": round(secs, 3), "objective": obj,
+                             "objective_vs_default": obj / base[0], "rank_fraction": round(r.rank / min(W.shape), 4), "nnz_fraction": round(r.nnz / W.numel(), 4),
+                             "dL_vs_default": rel(r.L(), base[1].L()), "residual": r.residual})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    write("schedule", {"machine": machine(), "rows": rows})
+    print("| ρ | iterations (median) | time vs ρ=1.5 | objective vs ρ=1.5 | rank(L) | nnz(S) | ‖ΔL‖/‖L‖ vs ρ=1.5 |\n|---|---|---|---|---|---|---|")
+    t0 = {r["name"]: r["seconds"] for r in rows if r["rho"] == a.rhos[0]}
+    for rho in a.rhos:
+        rs = [r for r in rows if r["rho"] == rho]
+        print(f"| {rho} | {statistics.median(r['iterations'] for r in rs):.0f} | {statistics.median(r['seconds'] / t0[r['name']] for r in rs):.2f} | "
+              f"{statistics.median(r['objective_vs_default'] for r in rs):.4f} | {statistics.median(r['rank_fraction'] for r in rs):.0%} | "
+              f"{statistics.median(r['nnz_fraction'] for r in rs):.0%} | {statistics.median(r['dL_vs_default'] for r in rs):.1e} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="part", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--max-iter", type=int, default=100)
+    m = sub.add_parser("model")
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--workers", type=int, default=None)
+    m.add_argument("--max-iter", type=int, default=100)
+    m.add_argument("--out", default=None, help="cache directory (default: a new temporary one)")
+    f = sub.add_parser("fig2")
+    f.add_argument("--iters", nargs="+", default=["1", "3", "10", "converged", "100"])
+    f.add_argument("--cache", default=None, help="a finished `model` cache for the converged row")
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--workers", type=int, default=None)
+    f.add_argument("--data-dir", default=None)
+    f.add_argument("--dense-ppl", type=float, default=29.93)
+    f.add_argument("--eval-seqlen", type=int, default=512)
+    f.add_argument("--max-windows", type=int, default=64)
+    c = sub.add_parser("schedule")
+    c.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
+    c.add_argument("--rhos", type=float, nargs="+", default=[1.5, 1.2, 2.0, 3.0])
+    c.add_argument("--threads", type=int, default=1)
+    for p in (s, m, f, c):
+        p.add_argument("--model", default=MODEL)
+        p.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
+    global ARGS
+    a = ARGS = ap.parse_args()
+    {"speed": part_speed, "model": part_model, "fig2": part_fig2, "schedule": part_schedule}[a.part](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Refit of the kept sparse values after CAP's allocation (our addition; not in the paper).
+
+CAP's Stage 2 chooses *which* singular directions and sparse entries survive but keeps their
+Stage 1 values, so nothing compensates for what was removed. The refit keeps the chosen support
+and the chosen low-rank factors ``U'V'ᵀ`` and re-solves the sparse values so that the layer
+output error ``‖(W − U'V'ᵀ − S) X‖`` is small: SparseGPT's OBS reconstruction
+(:func:`capllm.methods.sparsegpt.sparsegpt_prune` with the support fixed) on the residual
+``W − U'V'ᵀ``. It runs through the layer-wise engine, so each block is refitted on the inputs
+produced by the already compressed blocks before it — exactly SparseGPT's sequential setting.
+The kept-parameter count does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from capllm.engine.layerwise import run_layerwise
+from capllm.engine.stats import InputStats
+from capllm.methods.base import CompressedWeight
+from capllm.methods.sparsegpt import sparsegpt_prune
+
+
+@dataclass
+class Decision:
+    """What Stage 2 kept for one matrix: factors (σ folded in) and the sparse support."""
+
+    U: torch.Tensor | None
+    V: torch.Tensor | None
+    S: torch.Tensor | None  # Stage 1 values on the support (used when the support is empty of data)
+    mask: torch.Tensor  # (m, n) bool support of the sparse part
+
+
+class _RefitCompressor:
+    def __init__(self, n_in: int, device, decision: Decision, blocksize: int, percdamp: float) -> None:
+        self.stats = InputStats(n_in, device, sq=False, gram=True)
+        self.d, self.blocksize, self.percdamp = decision, blocksize, percdamp
+
+    def add_batch(self, inp, out) -> None:
+        self.stats.add_batch(inp)
+
+    def compress(self, weight: torch.Tensor) -> CompressedWeight:
+        d = self.d
+        R = weight if d.U is None else weight - d.U.to(weight) @ d.V.to(weight).t()
+        S = None
+        if bool(d.mask.any()):
+            S, keep, _ = sparsegpt_prune(R, self.stats.gram, 0.0, blocksize=self.blocksize, percdamp=self.percdamp, keep_mask=d.mask)
+            S = S * keep
+        elif d.U is None:  # the allocation kept nothing of this matrix
+            S = torch.zeros_like(weight)
+        return CompressedWeight(S=S, mask=d.mask if S is not None else None, U=d.U, V=d.V, info={"refit": "obs"})
+
+    def free(self) -> None:
+        self.stats.free()
+
+
+class _RefitPass:
+    """The layer-wise engine's view of a refit: one compressor per decided matrix."""
+
+    name = "cap-refit"
+    needs_calibration = True
+
+    def __init__(self, decisions: dict[str, Decision], blocksize: int = 128, percdamp: float = 0.01) -> None:
+        self.decisions, self.blocksize, self.percdamp = decisions, blocksize, percdamp
+
+    def layer_compressor(self, handle):
+        return _RefitCompressor(handle.shape[1], handle.module.weight.device, self.decisions[handle.name], self.blocksize, self.percdamp)
+
+
+def refit_layerwise(ctx, decisions: dict[str, Decision], blocksize: int = 128, percdamp: float = 0.01) -> None:
+    """Apply ``decisions`` to ``ctx.model`` block by block with OBS-refitted sparse values.
+
+    The model's linear weights must hold the original dense ``W`` when this is called.
+    """
+    run_layerwise(ctx, _RefitPass(decisions, blocksize, percdamp))

@@ -1,0 +1,107 @@
+"""CAP end to end on a tiny model: budget, ablations, policy bookkeeping, refit, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capllm.data.calibration import CalibrationSet
+from capllm.data.sources import TextSource
+from capllm.engine.context import CompressionContext
+from capllm.methods.base import get_method
+from conftest import tiny_model
+
+
+def _ctx(model, n=4, L=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cal = CalibrationSet(torch.randint(0, 128, (n, L), generator=g), TextSource("random", "none", "", "test", 0), seed)
+    return CompressionContext(model, cal, torch.device("cpu"), progress=False)
+
+
+FAST = {"steps": "1", "samples": "2", "policy_windows": "2", "rpca_max_iter": "60", "rpca_tol": "1e-5"}
+
+
+@pytest.mark.parametrize("refit", ["none", "obs"])
+def test_cap_meets_the_budget_and_runs(refit):
+    model = tiny_model("llama", seed=3)
+    ctx = _ctx(model)
+    get_method("cap")(0.5, None, {**FAST, "refit": refit}).compress_model(ctx)
+    b = ctx.extra["budget"]
+    assert b["achieved"] <= b["target"] and b["target"] - b["achieved"] < b["max_direction_cost"]
+    kept = sum(r.kept_params for r in ctx.records.values())
+    assert kept == b["achieved"]
+    assert b["target"] == int(0.5 * ctx.dense_linear_params)
+    alloc = ctx.extra["allocation"]
+    assert len(alloc) == len(ctx.linears) and sum(a["kept_params"] for a in alloc) == kept
+    assert len(ctx.extra["policy"]["curve"]) == 1
+    out = model(torch.randint(0, 128, (1, 16))).logits
+    assert torch.isfinite(out).all()
+
+
+def test_refit_lowers_layer_output_error():
+    """Same allocation, with and without the OBS refit: the refit's outputs are closer to dense."""
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    dense = tiny_model("llama", seed=4)
+    with torch.no_grad():
+        ref = dense(ids).logits
+    errs = {}
+    for refit in ("none", "obs"):
+        model = tiny_model("llama", seed=4)
+        get_method("cap")(0.5, None, {**FAST, "steps": "0", "refit": refit}).compress_model(_ctx(model, n=8))
+        with torch.no_grad():
+            errs[refit] = float((model(ids).logits - ref).pow(2).mean())
+    assert errs["obs"] < errs["none"]
+
+
+def test_uniform_and_threshold_ablations():
+    for name, opts in (("cap-uniform", {"rpca_max_iter": "60", "rpca_tol": "1e-5"}), ("rpca-threshold", {"rpca_max_iter": "60", "rpca_tol": "1e-5", "rank_share": "0.2"})):
+        model = tiny_model("qwen2", seed=1)
+        ctx = _ctx(model)
+        get_method(name)(0.4, None, opts).compress_model(ctx)
+        b = ctx.extra["budget"]
+        assert b["achieved"] <= b["target"]
+        if name == "cap-uniform":  # every matrix within one direction of its own share
+            for a in ctx.extra["allocation"]:
+                m, n = a["shape"]
+                assert int(0.6 * m * n) - (m + n) < a["kept_params"] <= int(0.6 * m * n)
+
+
+def test_zero_steps_is_the_initial_score_mask():
+    model = tiny_model("llama", seed=5)
+    ctx = _ctx(model)
+    get_method("cap")(0.5, None, {**FAST, "steps": "0", "refit": "none"}).compress_model(ctx)
+    assert ctx.extra["policy"]["curve"] == [] and ctx.extra["policy"]["candidates_changed_vs_initial_scores"] == 0
+
+
+def test_stage1_cache_is_reused(tmp_path):
+    opts = {**FAST, "steps": "0", "refit": "none", "stage1_dir": str(tmp_path / "s1")}
+    model = tiny_model("llama", seed=6)
+    ctx = _ctx(model)
+    get_method("cap")(0.5, None, opts).compress_model(ctx)
+    first = {r.name: r.kept_params for r in ctx.records.values()}
+    files = sorted((tmp_path / "s1").glob("*.safetensors"))
+    assert len(files) == len(ctx.linears)
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    model2 = tiny_model("llama", seed=6)
+    ctx2 = _ctx(model2)
+    get_method("cap")(0.5, None, opts).compress_model(ctx2)
+    assert {r.name: r.kept_params for r in ctx2.records.values()} == first
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps  # nothing was decomposed again
+
+
+def test_cli_cap_with_plot(tiny_model_dir, text_file, tmp_path):
+    import json
+
+    from capllm.cli.main import main
+
+    out = tmp_path / "cap"
+    rc = main(["compress", "--model", str(tiny_model_dir), "--method", "cap", "--ratio", "0.5", "--calib", str(text_file),
+               "--nsamples", "4", "--seqlen", "32", "--dataset", str(text_file), "--eval-seqlen", "64", "--max-windows", "2",
+               "--device", "cpu", "--out", str(out), "--quiet", "--plot",
+               "--option", "steps=1", "--option", "samples=2", "--option", "policy_windows=2", "--option", "rpca_tol=1e-5"])
+    assert rc == 0
+    res = json.loads((out / "result.json").read_text())
+    alloc = res["method_results"]["allocation"]
+    assert sum(a["kept_params"] for a in alloc) == res["params"]["kept_linear"] <= res["params"]["dense_linear"] // 2
+    assert (out / "allocation.png").stat().st_size > 10_000
+    assert "stage1_rpca" in res["time_s"] and "stage2_policy" in res["time_s"]
