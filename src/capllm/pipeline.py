@@ -133,6 +133,8 @@ class JobConfig:
     out: str | None = None
     dense_cache: bool = True
     save: str = "compressed"  # what goes next to result.json: compressed | dense | none
+    zeroshot: Any = None  # capllm.eval.zeroshot.ZeroShotConfig: zero-shot of the compressed model (in memory)
+    generation: Any = None  # capllm.eval.generation.GenerationConfig: long-form check against the dense model
     plot: bool = False  # write allocation.png (methods that report an allocation)
 
 
@@ -147,6 +149,10 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
     method = build_method(job.compress)  # fail fast on bad method / ratio / options
     if job.save not in SAVE_MODES:
         raise CapllmError(f"--save {job.save!r}: use one of {', '.join(SAVE_MODES)}")
+    if job.zeroshot is not None:
+        from capllm.eval.zeroshot import check_zeroshot
+
+        check_zeroshot(job.zeroshot)
     out = Path(job.out) if job.out else default_out_dir(job.model, job.compress.method, job.compress.ratio)
     if out.exists():
         raise CapllmError(f"output directory {out} already exists: choose another --out or remove it")
@@ -162,6 +168,14 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
             with timer.stage("eval_dense"):
                 dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache)
             log(f"capllm: dense perplexity {dense_ppl['value']:.3f} on {eval_source.name}:{eval_source.split} ({dense_ppl['windows']} of {dense_ppl['windows_available']} windows × {dense_ppl['seqlen']} tokens){' [cached]' if dense_ppl.get('cached') else ''}")
+    gen_prompts = gen_ref = None
+    if job.generation is not None:  # the dense model's continuations, before it is compressed
+        from capllm.eval.generation import dense_reference, make_prompts
+
+        gen_source = eval_source or load_text(job.eval.dataset, job.eval.split, job.eval.data_dir, purpose="eval")
+        gen_prompts = make_prompts(tokenizer, gen_source.text, job.generation)
+        with timer.stage("generation_dense"):
+            gen_ref = dense_reference(model, gen_prompts, job.generation, device, job.dense_cache)
     result = compress(model, tokenizer, job.compress, timer)
     ppl = None
     if job.evaluate:
@@ -171,6 +185,20 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
             raise CapllmError("compressed model perplexity is not finite")
         if dense_ppl is None:
             dense_ppl = ppl
+    result["peak_rss_mb_compress"] = round(peak_rss_mb(), 1)  # before the extra evaluations below
+    if job.zeroshot is not None:
+        from capllm.eval.zeroshot import evaluate_zeroshot, zeroshot_table
+
+        z = job.zeroshot
+        with timer.stage("zeroshot"):
+            result["zeroshot"] = evaluate_zeroshot(model, tokenizer, z.tasks, z.limit, z.seed, z.batch_size, device, z.source, z.include_path, job.compress.progress)
+        log(zeroshot_table(result["zeroshot"]))
+    if job.generation is not None:
+        from capllm.eval.generation import generation_check
+
+        with timer.stage("generation"):
+            result["generation"] = generation_check(model, tokenizer, gen_prompts, gen_ref, lambda: load_model(job.model)[0], job.generation, device,
+                                                    source={"dataset": gen_source.name, "split": gen_source.split, "origin": gen_source.origin})
     result.update({
         "perplexity": ppl,
         "perplexity_dense": dense_ppl,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from capllm.cli.common import add_eval_args, parse_options
+from capllm.cli.common import add_eval_args, add_generation_args, add_zeroshot_args, generation_config, parse_options, zeroshot_config
 
 HELP = "compress a model and report what it achieved"
 
@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     c.add_argument("--plot", action="store_true", help="write allocation.png: rank and sparsity kept per layer and module (cap methods)")
     c.add_argument("--no-dense-cache", action="store_true", help="re-evaluate the dense model even if a cached figure exists")
     add_eval_args(c, "--eval-seqlen")
+    add_zeroshot_args(c, "--zs-seed")
+    add_generation_args(c)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -53,6 +55,8 @@ def run(a) -> int:
         out=a.out,
         dense_cache=not a.no_dense_cache,
         save=a.save,
+        zeroshot=zeroshot_config(a),
+        generation=generation_config(a),
         plot=a.plot,
     )
     result = run_compress_job(job, log=lambda s: print(s, file=sys.stderr))

@@ -13,7 +13,7 @@ import sys
 
 from capllm.errors import CapllmError
 
-SUBCOMMANDS = ["compress", "decompose", "eval", "generate", "download", "methods"]
+SUBCOMMANDS = ["compress", "decompose", "eval", "bench", "generate", "download", "methods"]
 _MODULE = {"eval": "evaluate"}  # subcommand → module name where they differ
 
 

@@ -1,0 +1,100 @@
+"""The benchmark grid: cells run as separate processes, resume after a killed/corrupted cell without
+recomputing finished ones, and the report is written from whatever is finished."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from capllm.cli.main import main
+from capllm.errors import CapllmError
+from capllm.eval.bench import BenchConfig, Cell, plan
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread. On a busy 2-core machine a 2-thread OpenMP region costs ~5 ms per op
+    (150× a 1-thread tiny matmul), which would dominate these tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _grid_args(tiny_model_dir, text_file, out):
+    return ["bench", "--models", str(tiny_model_dir), "--methods", "dense,magnitude", "--ratios", "0.5", "--out", str(out),
+            "--dataset", str(text_file), "--eval-seqlen", "64", "--max-windows", "1", "--calib", str(text_file), "--nsamples", "2",
+            "--seqlen", "32", "--", "--device", "cpu"]
+
+
+def test_grid_resumes_after_a_killed_cell(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny cells: one thread is faster than two on a shared machine
+    out = tmp_path / "grid"
+    assert main(_grid_args(tiny_model_dir, text_file, out)) == 0, capsys.readouterr().err
+    cells = out / "cells"
+    dense, mag = cells / "tiny-llama__dense", cells / "tiny-llama__magnitude-0.5"
+    r_dense, r_mag = json.loads((dense / "result.json").read_text()), json.loads((mag / "result.json").read_text())
+    assert r_dense["method"] == "dense" and r_mag["method"] == "magnitude" and r_mag["ratio"] == 0.5
+    report = (out / "report.md").read_text()
+    assert "| magnitude | 50% |" in report and "| dense | – |" in report and (out / "ppl_vs_ratio__tiny-llama.png").stat().st_size > 0
+    stamp = os.stat(dense / "result.json").st_mtime_ns
+    capsys.readouterr()
+
+    # a cell killed mid-write: its result is unreadable and its temporary directory was left behind
+    (mag / "result.json").write_text('{"method": "magn')
+    (cells / ".tiny-llama__magnitude-0.5.tmp-killed").mkdir()
+    assert main(_grid_args(tiny_model_dir, text_file, out)) == 0
+    err = capsys.readouterr().err
+    assert "[skip] tiny-llama__dense" in err and "[run]  tiny-llama__magnitude-0.5" in err and "[run]  tiny-llama__dense" not in err
+    assert os.stat(dense / "result.json").st_mtime_ns == stamp  # the finished cell was not recomputed
+    again = json.loads((mag / "result.json").read_text())
+    assert again["perplexity"]["value"] == pytest.approx(r_mag["perplexity"]["value"], rel=1e-6)  # recomputed, same answer
+    assert not list(cells.glob(".*tmp-*"))
+    assert (out / "logs" / "tiny-llama__magnitude-0.5.log").exists()
+
+    # everything finished: a third run recomputes nothing
+    assert main(_grid_args(tiny_model_dir, text_file, out)) == 0
+    assert "[run]" not in capsys.readouterr().err
+
+
+def test_plan_and_failures(tiny_model_dir, text_file, tmp_path, capsys):
+    cells = plan(BenchConfig(("m",), ("dense", "wanda", "magnitude"), (0.3, 0.5), str(tmp_path)))
+    assert [c.name for c in cells] == ["m__dense", "m__wanda-0.3", "m__wanda-0.5", "m__magnitude-0.3", "m__magnitude-0.5"]
+    assert Cell("org/name", "wanda", 0.4).name == "name__wanda-0.4"
+    with pytest.raises(CapllmError, match="unknown method"):
+        plan(BenchConfig(("m",), ("nope",), (0.5,), str(tmp_path)))
+    with pytest.raises(CapllmError, match="outside"):
+        plan(BenchConfig(("m",), ("wanda",), (1.5,), str(tmp_path)))
+    # a failing cell is reported (exit 1, its log kept) and does not stop the grid
+    out = tmp_path / "g"
+    rc = main(["bench", "--models", str(tmp_path / "nosuchmodel"), "--methods", "magnitude", "--ratios", "0.5", "--out", str(out), "--", "--no-eval"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "[fail]" in err and "does not exist" in (out / "logs" / "nosuchmodel__magnitude-0.5.log").read_text()
+    assert (out / "report.md").exists() and "Not finished" in (out / "report.md").read_text()
+
+
+def test_report_peers_and_allocation_plot(tmp_path):
+    """Report rows, capllm/peer ratios and the CAP allocation plot from hand-written cell results."""
+    from capllm.eval.report import write_report
+
+    def cell(method, ratio, ppl, alloc=None):
+        r = {"method": method, "ratio": ratio, "structure": None, "model": {"name": "m"}, "perplexity": {"value": ppl, "dataset": "d", "split": "test", "windows": 1, "seqlen": 8, "tokens": 7},
+             "params": {"dense_linear": 100, "kept_linear": int(100 * (1 - ratio)), "whole_model_dense": 150, "whole_model_kept": 150 - int(100 * ratio)},
+             "time_s": {"compress": 1.0, "total": 2.0}, "peak_rss_mb": 10.0}
+        if alloc:
+            r["method_results"] = {"allocation": alloc}
+        d = tmp_path / "cells" / f"m__{method}-{ratio:g}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps(r))
+
+    alloc = [{"name": f"model.layers.{i}.self_attn.{k}", "shape": [4, 4], "rank_kept": 1, "nnz_kept": 2, "kept_params": 10, "kept_fraction": 10 / 16}
+             for i in range(3) for k in ("q_proj", "o_proj")]
+    cell("wanda", 0.5, 66.0)
+    cell("cap", 0.5, 50.0, alloc)
+    peers = [{"tool": "llm-compressor 0.14", "method": "wanda", "ratio": 0.5, "model": "m", "perplexity": {"value": 60.0}}]
+    text = write_report(tmp_path, None, peers).read_text()
+    assert "| wanda | 50% | 66.00 | llm-compressor 0.14 | 60.00 | 1.100 |" in text
+    assert (tmp_path / "allocation__m__cap-0.5.png").exists() and not (tmp_path / "allocation__m__wanda-0.5.png").exists()
