@@ -66,18 +66,30 @@ def run_cell(model, method, ratio, data_dir, extra, results_dir: Path, force: bo
 
 
 def table(rows: list[dict]) -> str:
+    """One row per cell; ``ppl / dense`` uses the dense run of the same protocol (or the cell's own dense score)."""
     dense = next((r["perplexity"]["value"] for r in rows if r["method"] == "dense"), None)
-    out = ["| method | ratio | ppl | ppl / dense | kept linear params | compress time (s) | total wall (s) | peak RSS (MiB) |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| cell | method | ratio | ppl | ppl / dense | kept linear params | compress time (s) | total wall (s) | peak RSS (MiB) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ppl = r["perplexity"]["value"]
         p = r["params"]
-        rel = f"{ppl / dense:.2f}×" if dense else "–"
+        ref = dense or (r.get("perplexity_dense") or {}).get("value")
+        rel = f"{ppl / ref:.2f}×" if ref else "–"
         ratio = "–" if r["method"] == "dense" else f"{r['ratio']:.0%}"
         name = r["method"] + (f" {r['structure']}" if r.get("structure") else "")
-        out.append(f"| {name} | {ratio} | {ppl:.2f} | {rel} | {p['kept_linear']:,} / {p['dense_linear']:,} | "
+        out.append(f"| {r.get('cell', name)} | {name} | {ratio} | {ppl:.2f} | {rel} | {p['kept_linear']:,} / {p['dense_linear']:,} | "
                    f"{r['time_s'].get('compress', 0):.0f} | {r['time_s']['total']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(out)
+
+
+def all_cells(results_dir: Path) -> list[dict]:
+    """Every finished protocol cell in ``results_dir`` (dense first, then by ratio and perplexity)."""
+    rows = []
+    for f in sorted(results_dir.glob("*.json")):
+        r = json.loads(f.read_text())
+        if isinstance(r, dict) and isinstance(r.get("perplexity"), dict) and "params" in r:
+            rows.append({**r, "cell": f.stem})
+    return sorted(rows, key=lambda r: (r["method"] != "dense", r.get("ratio", 0), r["perplexity"]["value"]))
 
 
 def main() -> None:
@@ -96,8 +108,8 @@ def main() -> None:
     for method in a.methods.split(","):
         for ratio in ([0.0] if method == "dense" else [float(r) for r in a.ratios.split(",")]):
             rows.append(run_cell(a.model, method, ratio, a.data_dir, extra, results_dir, a.force))
-    md = table(rows)
-    print(md)
+    print(table(rows))
+    md = table(all_cells(results_dir))  # the saved table lists every finished cell, not only this run's
     (Path(a.table) if a.table else results_dir / "table.md").write_text(md + "\n")
 
 

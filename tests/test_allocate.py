@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from capllm.allocate.final_mask import greedy_fill
+from capllm.allocate.final_mask import bounded_fill, greedy_fill
 from capllm.allocate.policy import PolicyConfig, reinforce_gradient, run_policy
 from capllm.allocate.pools import CandidatePools, MatrixPool
 from capllm.allocate.projection import project_budget
@@ -231,3 +231,49 @@ def test_output_gradient_statistics_match_autograd():
         total += gy.double().pow(2).reshape(-1, gy.shape[-1]).sum(0)
     torch.testing.assert_close(G["model.layers.1.mlp.down_proj"].double(), total / (2 * 15), rtol=1e-4, atol=1e-10)
     assert not any(p.requires_grad is False for p in model.parameters())  # requires_grad restored
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bounded_fill_matches_a_sequential_walk_with_floors_and_caps(seed):
+    """Independent loop: first each segment's own best items up to its floor, then the global walk skipping full segments."""
+    g = torch.Generator().manual_seed(seed)
+    n, G = 600, 4
+    s = torch.rand(n, generator=g)
+    c = torch.where(torch.rand(n, generator=g) < 0.05, torch.tensor(17.0), torch.tensor(1.0))
+    seg = torch.randint(0, G, (n,), generator=g)
+    total = torch.bincount(seg, weights=c)
+    budget = int(0.5 * c.sum())
+    floor, cap = (0.4 * total).floor(), (0.6 * total).floor()
+    got = bounded_fill(s, c, budget, seg, floor, cap)
+    order = torch.argsort(s, descending=True, stable=True).tolist()
+    within = [0.0] * G
+    eligible, mandatory = {}, set()
+    for k in order:  # cumulative cost of the segment's own ranking, as the docstring defines it
+        g_ = int(seg[k])
+        within[g_] += float(c[k])
+        eligible[k] = within[g_] <= cap[g_]
+        if within[g_] <= floor[g_]:
+            mandatory.add(k)
+    keep, rest = set(mandatory), budget - sum(float(c[k]) for k in mandatory)
+    progress = True
+    while progress:  # the same rule as greedy_fill's remainder passes: take in rank order what still fits
+        progress = False
+        run = 0.0
+        take = []
+        for k in order:
+            if k not in keep and eligible[k] and c[k] <= rest and run + float(c[k]) <= rest:
+                take.append(k)
+                run += float(c[k])
+        if take:
+            keep.update(take)
+            rest -= run
+            progress = True
+    want = torch.zeros(n, dtype=torch.bool)
+    want[list(keep)] = True
+    assert torch.equal(got, want)
+    assert float(c[got].sum()) <= budget
+    kept = torch.bincount(seg, weights=c * got)
+    assert torch.all(kept <= cap) and torch.all(kept >= floor - 17)
+    # unbounded = the global greedy fill
+    free = bounded_fill(s, c, budget, seg, torch.zeros(G), torch.full((G,), 1e12))
+    assert torch.equal(free, greedy_fill(s, c, budget))

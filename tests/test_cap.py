@@ -105,3 +105,18 @@ def test_cli_cap_with_plot(tiny_model_dir, text_file, tmp_path):
     assert sum(a["kept_params"] for a in alloc) == res["params"]["kept_linear"] <= res["params"]["dense_linear"] // 2
     assert (out / "allocation.png").stat().st_size > 10_000
     assert "stage1_rpca" in res["time_s"] and "stage2_policy" in res["time_s"]
+
+
+def test_spread_bounds_each_matrix_share():
+    """spread=0.2: every matrix keeps between 0.8·(1−ρ) and 1.2·(1−ρ) of its parameters (floor within one direction)."""
+    model = tiny_model("llama", seed=3)
+    ctx = _ctx(model)
+    get_method("cap")(0.5, None, {**FAST, "steps": "0", "refit": "none", "spread": "0.2"}).compress_model(ctx)
+    b = ctx.extra["budget"]
+    assert b["achieved"] <= b["target"] and b["target"] - b["achieved"] < b["max_direction_cost"]
+    for a in ctx.extra["allocation"]:
+        m, n = a["shape"]
+        assert a["kept_params"] <= int(0.6 * m * n)
+        assert a["kept_params"] >= int(0.4 * m * n) - (m + n)
+    with pytest.raises(Exception, match="spread"):
+        get_method("cap")(0.5, None, {**FAST, "steps": "0", "spread": "-1"}).compress_model(_ctx(tiny_model("llama", seed=3)))

@@ -42,3 +42,46 @@ def greedy_fill(s: torch.Tensor, c: torch.Tensor, budget: int, tiebreak: torch.T
     mask = torch.zeros_like(keep_sorted)
     mask[order] = keep_sorted
     return mask
+
+
+def bounded_fill(s: torch.Tensor, c: torch.Tensor, budget: int, segment: torch.Tensor, floor: torch.Tensor, cap: torch.Tensor,
+                 tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy fill in order of ``s`` with a per-segment (per-matrix) floor and cap on the kept cost.
+
+    Segment ``g`` first keeps its own best candidates while their cost stays ``≤ floor[g]``; the
+    rest of the budget then goes, in global order of ``s``, to candidates whose segment has not
+    reached ``cap[g]`` (a candidate is eligible when the cost of it and of every better candidate
+    of its segment is ``≤ cap[g]``). ``floor = 0, cap = ∞`` is :func:`greedy_fill`.
+    """
+    if tiebreak is not None:
+        order = torch.argsort(tiebreak, descending=True, stable=True)
+        order = order[torch.argsort(s[order], descending=True, stable=True)]
+    else:
+        order = torch.argsort(s, descending=True, stable=True)
+    cost = c[order].to(torch.int64)
+    seg = segment[order]
+    # cumulative cost inside each segment, in rank order: group by segment (stable keeps rank order)
+    by_seg = torch.argsort(seg, stable=True)
+    cs = torch.cumsum(cost[by_seg], 0)
+    seg_total = torch.bincount(seg, weights=cost.double(), minlength=int(segment.max()) + 1).long()
+    starts = torch.cumsum(seg_total, 0) - seg_total  # exclusive prefix: cost of earlier segments
+    within = torch.empty_like(cs)
+    within[by_seg] = cs - starts[seg[by_seg]]
+    mandatory = within <= floor.to(torch.int64)[seg]
+    eligible = within <= cap.to(torch.int64)[seg]
+    rest = budget - int(cost[mandatory].sum())
+    if rest < 0:
+        raise ValueError("the per-segment floors exceed the budget")
+    keep_sorted = mandatory.clone()
+    while rest > 0:
+        cand = torch.nonzero(eligible & ~keep_sorted & (cost <= rest)).squeeze(1)
+        if cand.numel() == 0:
+            break
+        take = cand[torch.cumsum(cost[cand], 0) <= rest]
+        if take.numel() == 0:
+            break
+        keep_sorted[take] = True
+        rest -= int(cost[take].sum())
+    mask = torch.zeros_like(keep_sorted)
+    mask[order] = keep_sorted
+    return mask
