@@ -25,8 +25,10 @@ from capllm.utils import cache_dir
 @dataclass(frozen=True)
 class Stage1Options:
     stage1_dir: str = ""  # reuse a `capllm decompose --out DIR` cache ("" = automatic cache)
-    lam_scale: float = 1.0  # λ = lam_scale / sqrt(max(m, n))
-    act_aware: bool = False  # decompose W·diag(sqrt(E x_j²)), then un-scale
+    # measured defaults (BENCHMARKS.md, CAP section): with the paper's λ = 1/√max(m, n) on W itself
+    # the pools reach 50 % with several times the layer-output error of λ/2 on W·diag(√E x²)
+    lam_scale: float = 0.5  # λ = lam_scale / sqrt(max(m, n))
+    act_aware: bool = True  # decompose W·diag(sqrt(E x_j²)), then un-scale
     rpca_max_iter: int = 0  # 0 = the decomposition's default
     rpca_tol: float = 1e-7
 

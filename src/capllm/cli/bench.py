@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
     b = sub.add_parser("bench", help=HELP, description=__doc__)
     b.add_argument("--models", default=DEFAULT_MODEL, help=f"comma-separated models (default {DEFAULT_MODEL})")
-    b.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt", help="comma-separated methods (default dense,magnitude,wanda,sparsegpt)")
+    b.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt,cap", help="comma-separated methods (default dense,magnitude,wanda,sparsegpt,cap)")
     b.add_argument("--ratios", default="0.5", help="comma-separated ratios for methods that take one (default 0.5)")
     b.add_argument("--out", required=True, help="grid directory (created; reused to resume)")
     b.add_argument("--tasks", default=None, help="zero-shot tasks for every cell (see `capllm eval --help`)")
