@@ -281,6 +281,37 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def measure_in_fresh_process(folder: Path, execution: str, name: str) -> dict:
+    cmd = [sys.executable, __file__, "--measure", str(folder), "--execution", execution]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if proc.returncode != 0:
+        raise SystemExit(f"measuring {folder} ({execution}) failed:\n{proc.stderr[-3000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["dir"] = name
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def remeasure(a: argparse.Namespace) -> None:
+    """Replace the named rows of an existing result file by fresh measurements; the replaced
+    rows are kept under ``superseded_rows`` so the file still shows what was thrown away."""
+    doc = json.loads(a.out.read_text())
+    for spec in a.remeasure:
+        name, _, execution = spec.partition(":")
+        i = next((k for k, r in enumerate(doc["rows"]) if r["dir"] == name and r["execution"] == execution), None)
+        if i is None:
+            raise SystemExit(f"{a.out} has no row {spec}")
+        folder = a.wanda_dir if name == "wanda50" and a.wanda_dir else a.work / name
+        row = measure_in_fresh_process(folder, execution, name)
+        row["remeasured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        doc.setdefault("superseded_rows", []).append(doc["rows"][i])
+        doc["rows"][i] = row
+        doc.setdefault("remeasure_commands", []).append("python benchmarks/format_bench.py " + " ".join(sys.argv[1:]))
+    doc["tables_md"] = tables(doc["rows"]) + "\n\n" + kernel_table(doc["kernels"])
+    a.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(doc["tables_md"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/capllm_format_bench"), help="where the model directories live (not in git)")
@@ -288,26 +319,21 @@ def main() -> None:
     ap.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--execution", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "format" / f"{MODEL}.json")
+    ap.add_argument("--remeasure", action="append", default=[], metavar="MODEL:EXECUTION",
+                    help="measure only this row again (e.g. wanda50:auto, when another job disturbed it) and update --out in place")
     a = ap.parse_args()
     if a.measure:
         print(json.dumps(measure(a.measure, a.execution)))
+        return
+    if a.remeasure:
+        remeasure(a)
         return
     dirs = build(a.work)
     wanda = a.wanda_dir or a.work / "wanda50"
     if not (wanda / "config.json").exists():
         raise SystemExit(f"{wanda} has no saved model: run capllm compress --method wanda --ratio 0.5 --no-eval --out {wanda} first")
     plan = [(dirs["dense"], "auto"), (wanda, "auto"), (wanda, "csr"), (dirs["lowrank50"], "auto"), (dirs["mixed50"], "auto"), (dirs["mixed50"], "csr")]
-    rows = []
-    for folder, execution in plan:
-        cmd = [sys.executable, __file__, "--measure", str(folder), "--execution", execution]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-        if proc.returncode != 0:
-            raise SystemExit(f"measuring {folder} ({execution}) failed:\n{proc.stderr[-3000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        if folder == wanda:
-            row["dir"] = "wanda50"
-        print(json.dumps(row), file=sys.stderr, flush=True)
-        rows.append(row)
+    rows = [measure_in_fresh_process(folder, execution, "wanda50" if folder == wanda else folder.name) for folder, execution in plan]
     kernels = kernel_sweep()
     import platform
 

@@ -127,12 +127,20 @@ def _svd_factors(W, r):
     return u[:, :r] * s[:r].sqrt(), vh[:r].t() * s[:r].sqrt()
 
 
+# Registered methods run as the CLI runs them (tiny option settings where the defaults are slow).
+REGISTERED = {"wanda": {}, "magnitude": {}, "sparsegpt": {}, "svd": {}, "oats": {"iters": 4},
+              "cap": {"steps": "1", "samples": "2", "policy_windows": "2", "rpca_max_iter": "60", "rpca_tol": "1e-5"}}
+LOW_RANK_ONLY = ("lowrank", "svd")
+SPARSE_ONLY = ("wanda", "magnitude", "sparsegpt")
+
+
 def _compress(arch: str, family: str):
-    """A tiny model compressed by one method family, through the engine's ``apply``."""
+    """A tiny model compressed by one method (family): a registered method, or ``lowrank`` / ``mixed``
+    built here from a truncated SVD (plus the magnitude-pruned residual), through the engine's ``apply``."""
     model = tiny_model(arch)
     ctx = _ctx(model)
-    if family in ("wanda", "magnitude"):
-        get_method(family)(0.5).compress_model(ctx)
+    if family in REGISTERED:
+        get_method(family)(0.5, None, REGISTERED[family]).compress_model(ctx)
         return model, ctx
     for h in ctx.linears:  # low-rank results built here (the low-rank methods live elsewhere)
         W = h.weight_copy()
@@ -151,7 +159,10 @@ def _compress(arch: str, family: str):
     return model, ctx
 
 
-CASES = [("llama", "wanda"), ("qwen2", "magnitude"), ("llama", "lowrank"), ("qwen2", "mixed"), ("gpt2", "wanda"), ("gpt2", "mixed"), ("opt", "mixed")]
+# Every method family: sparse only (wanda, magnitude, sparsegpt), low-rank only (svd, lowrank),
+# low-rank + sparse (oats, cap — whose global allocation may also leave whole layers empty — mixed).
+CASES = [("llama", "wanda"), ("qwen2", "magnitude"), ("llama", "lowrank"), ("qwen2", "mixed"), ("gpt2", "wanda"), ("gpt2", "mixed"), ("opt", "mixed"),
+         ("opt", "sparsegpt"), ("llama", "svd"), ("gpt2", "oats"), ("llama", "cap")]
 
 _FRESH = textwrap.dedent("""
     import json, sys, warnings
@@ -222,7 +233,10 @@ def test_config_lists_every_compressed_module(saved, case):
         m = mods[name]
         assert m["shape"] == list(rec.shape) and m["rank"] == rec.rank and m["dtype"] == "float32"
         assert m["kind"] == ("conv1d" if case[0] == "gpt2" else "linear")
-        assert m["sparse_layout"] == (None if case[1] == "lowrank" else "bitmask")
+        if case[1] in LOW_RANK_ONLY:
+            assert m["sparse_layout"] is None and m["rank"] > 0
+        elif case[1] in SPARSE_ONLY or m["nnz"] > 0:
+            assert m["sparse_layout"] == "bitmask"
         assert m["nnz"] == rec.nnz  # no exact zeros among the kept weights of a random model
         out_f, in_f = rec.shape
         decoder += rec.rank * (out_f + in_f) * itemsize + m["nnz"] * itemsize + (out_f * ((in_f + 7) // 8) if m["sparse_layout"] else 0)
@@ -299,6 +313,12 @@ def test_truncated_file_is_a_clear_error(tmp_path, saved):
         capllm.load_compressed(d)
     with pytest.raises(CapllmError, match="truncated"):
         capllm.load_model(str(d))
+    from transformers import LlamaForCausalLM
+
+    from capllm.format.modeling_capllm import capllm_class
+
+    with pytest.raises(ValueError, match="truncated"):  # the class trust_remote_code loads checks too
+        capllm_class(LlamaForCausalLM).from_pretrained(d)
 
 
 def test_flipped_byte_in_the_data_is_a_clear_error(tmp_path, saved):

@@ -115,6 +115,10 @@ def _default_workers(device) -> int:
 def _run(handles, cfg, scales, device, batch, workers, progress, on_result) -> None:
     """Decompose ``handles`` in same-shape units of ``batch``, ``workers`` units at a time;
     ``on_result(handle, result)`` runs in the calling thread as each unit finishes."""
+    for h in handles:  # fail before any work, naming the layer (rpca's own check cannot name it)
+        W = h.weight()
+        if W.is_floating_point() and not bool(torch.isfinite(W).all()):
+            raise CapllmError(f"{h.name} has {int((~torch.isfinite(W)).sum())} NaN/Inf weights: fix or re-load the model before decomposing")
     units = _groups(handles, batch)
     workers = _default_workers(device) if workers is None else max(1, workers)
 
