@@ -43,6 +43,7 @@ def run_cell(model, method, ratio, data_dir, extra, results_dir: Path, force: bo
     tag = method if method == "dense" else f"{method}-{ratio:g}"
     if extra:
         tag += "-" + "-".join(x.replace("--option", "").replace("=", "").strip("-") for x in extra if x != "--option")
+    tag = tag.replace("/", "_").replace(" ", "")  # a path-valued option must not make directories
     dest = results_dir / f"{tag}.json"
     if dest.exists() and not force:
         print(f"[skip] {tag}: {dest} exists", file=sys.stderr)
