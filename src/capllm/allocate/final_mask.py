@@ -14,31 +14,44 @@ from __future__ import annotations
 import torch
 
 
+def rank_order(s: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices by ``s`` descending; ties in ``s`` keep the order of ``tiebreak`` (descending)."""
+    if tiebreak is None:
+        return torch.argsort(s, descending=True, stable=True)
+    order = torch.argsort(tiebreak, descending=True, stable=True)
+    return order[torch.argsort(s[order], descending=True, stable=True)]
+
+
+def fill_remainder(keep_sorted: torch.Tensor, cost: torch.Tensor, rest: int, allowed: torch.Tensor | None = None, start: int = 0) -> int:
+    """Repeatedly take, in rank order, the not-yet-kept (and allowed) candidates that still fit.
+
+    In place on ``keep_sorted`` (rank order); returns the budget left over.
+    """
+    while rest > 0:
+        free = ~keep_sorted[start:] & (cost[start:] <= rest)
+        if allowed is not None:
+            free &= allowed[start:]
+        cand = torch.nonzero(free).squeeze(1) + start
+        if cand.numel() == 0:
+            break
+        take = cand[torch.cumsum(cost[cand], 0) <= rest]
+        if take.numel() == 0:
+            break
+        keep_sorted[take] = True
+        rest -= int(cost[take].sum())
+    return rest
+
+
 def greedy_fill(s: torch.Tensor, c: torch.Tensor, budget: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean keep-mask with ``Σ c[mask] ≤ budget``, filled greedily in order of ``s`` (desc)."""
-    if tiebreak is not None:
-        # sort by the secondary key first, then stably by s: ties in s keep the secondary order
-        order = torch.argsort(tiebreak, descending=True, stable=True)
-        order = order[torch.argsort(s[order], descending=True, stable=True)]
-    else:
-        order = torch.argsort(s, descending=True, stable=True)
+    order = rank_order(s, tiebreak)
     cost = c[order].to(torch.int64)
     csum = torch.cumsum(cost, 0)
     keep_sorted = csum <= budget
     n_prefix = int(keep_sorted.sum())  # csum is increasing: the kept set is a prefix
     spent = int(csum[n_prefix - 1]) if n_prefix else 0
-    rest = budget - spent
-    # fill the remainder (smaller than the first candidate that did not fit): repeatedly take, in
-    # rank order, the not-yet-kept candidates that fit, until nothing more fits
-    while rest > 0:
-        tail = torch.nonzero(~keep_sorted[n_prefix:] & (cost[n_prefix:] <= rest)).squeeze(1) + n_prefix
-        if tail.numel() == 0:
-            break
-        take = tail[torch.cumsum(cost[tail], 0) <= rest]
-        if take.numel() == 0:
-            break
-        keep_sorted[take] = True
-        rest -= int(cost[take].sum())
+    # the remainder is smaller than the first candidate that did not fit
+    fill_remainder(keep_sorted, cost, budget - spent, start=n_prefix)
     mask = torch.zeros_like(keep_sorted)
     mask[order] = keep_sorted
     return mask
@@ -53,11 +66,7 @@ def bounded_fill(s: torch.Tensor, c: torch.Tensor, budget: int, segment: torch.T
     reached ``cap[g]`` (a candidate is eligible when the cost of it and of every better candidate
     of its segment is ``≤ cap[g]``). ``floor = 0, cap = ∞`` is :func:`greedy_fill`.
     """
-    if tiebreak is not None:
-        order = torch.argsort(tiebreak, descending=True, stable=True)
-        order = order[torch.argsort(s[order], descending=True, stable=True)]
-    else:
-        order = torch.argsort(s, descending=True, stable=True)
+    order = rank_order(s, tiebreak)
     cost = c[order].to(torch.int64)
     seg = segment[order]
     # cumulative cost inside each segment, in rank order: group by segment (stable keeps rank order)
@@ -73,15 +82,7 @@ def bounded_fill(s: torch.Tensor, c: torch.Tensor, budget: int, segment: torch.T
     if rest < 0:
         raise ValueError("the per-segment floors exceed the budget")
     keep_sorted = mandatory.clone()
-    while rest > 0:
-        cand = torch.nonzero(eligible & ~keep_sorted & (cost <= rest)).squeeze(1)
-        if cand.numel() == 0:
-            break
-        take = cand[torch.cumsum(cost[cand], 0) <= rest]
-        if take.numel() == 0:
-            break
-        keep_sorted[take] = True
-        rest -= int(cost[take].sum())
+    fill_remainder(keep_sorted, cost, rest, allowed=eligible)
     mask = torch.zeros_like(keep_sorted)
     mask[order] = keep_sorted
     return mask
