@@ -33,7 +33,7 @@ import torch
 from capllm.engine.stats import InputStats
 from capllm.errors import CapllmError
 from capllm.methods.base import CompressedWeight, Method, matrix_budget, register
-from capllm.methods.lowrank import diag_weighted_error, fold, rank_at_budget, truncated_svd
+from capllm.methods.lowrank import diag_weighted_error, fold, lowrank_plus_sparse, rank_at_budget, truncated_svd
 from capllm.methods.masks import keep_top_k
 from capllm.methods.oats import input_scale
 
@@ -71,9 +71,7 @@ class _LoSparseCompressor:
         r = rank_at_budget(m, n, o.rank_share * B)
         U, V, S, mask, errors = losparse_decompose(weight.float(), self.stats.sq, r, B - r * (m + n), o.iters)
         info = {"errors": errors}
-        if r == 0:
-            return CompressedWeight(S=S.to(weight.dtype), mask=mask, info=info)
-        return CompressedWeight(S=S.to(weight.dtype), mask=mask, U=U.to(weight.dtype), V=V.to(weight.dtype), info=info)
+        return lowrank_plus_sparse(weight.dtype, S, mask, U if r else None, V, info)
 
     def free(self) -> None:
         self.stats.free()

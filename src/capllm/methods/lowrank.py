@@ -149,3 +149,14 @@ def activation_error(E: torch.Tensor, H: torch.Tensor) -> float:
 def diag_weighted_error(E: torch.Tensor, sq: torch.Tensor) -> float:
     """``sqrt(Σ_ij E_ij² E[x_j²])`` — :func:`activation_error` with ``H`` replaced by its diagonal."""
     return float((E.to(torch.float64).pow(2) * sq.to(torch.float64).unsqueeze(0)).sum().sqrt())
+
+
+def lowrank_plus_sparse(dtype: torch.dtype, S: torch.Tensor, mask: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None,
+                        info: dict):
+    """``CompressedWeight`` of ``U Vᵀ + S`` in ``dtype``; a rank-0 result (``U`` empty or ``None``) is sparse only."""
+    from capllm.methods.base import CompressedWeight
+
+    if U is None or U.shape[1] == 0:
+        return CompressedWeight(S=S.to(dtype), mask=mask, info=info)
+    return CompressedWeight(S=S.to(dtype), mask=mask, U=U.to(dtype), V=V.to(dtype), info=info)
+

@@ -41,7 +41,7 @@ import torch
 from capllm.engine.stats import InputStats
 from capllm.errors import CapllmError
 from capllm.methods.base import CompressedWeight, Method, Structure, matrix_budget, register
-from capllm.methods.lowrank import fold, rank_at_budget, subspace_svd, truncated_svd
+from capllm.methods.lowrank import fold, lowrank_plus_sparse, rank_at_budget, subspace_svd, truncated_svd
 from capllm.methods.masks import keep_nm, keep_per_row_filled
 
 
@@ -117,10 +117,9 @@ class _OATSCompressor:
                 "scaled_rel_error": round(errors[-1] / norm, 6)}
         S = S / d.unsqueeze(0)
         if r == 0:
-            return CompressedWeight(S=S.to(weight.dtype), mask=mask, info=info)
+            return lowrank_plus_sparse(weight.dtype, S, mask, None, None, info)
         Uf, Vf = fold(U, s, V)
-        return CompressedWeight(S=S.to(weight.dtype), mask=mask, U=Uf.to(weight.dtype),
-                                V=(Vf / d.unsqueeze(1)).to(weight.dtype), info=info)
+        return lowrank_plus_sparse(weight.dtype, S, mask, Uf, Vf / d.unsqueeze(1), info)
 
     def free(self) -> None:
         self.stats.free()

@@ -45,7 +45,7 @@ import torch
 from capllm.engine.stats import InputStats
 from capllm.errors import CapllmError
 from capllm.methods.base import CompressedWeight, Method, matrix_budget, register
-from capllm.methods.lowrank import rank_at_budget, whitened_svd, whitening_factor
+from capllm.methods.lowrank import lowrank_plus_sparse, rank_at_budget, whitened_svd, whitening_factor
 from capllm.methods.masks import keep_per_row_filled, keep_top_k
 
 
@@ -100,9 +100,7 @@ class _SSLCCompressor:
         B = matrix_budget(m, n, self.method.ratio)
         r = rank_at_budget(m, n, o.rank_share * B)
         U, V, S, mask, _, info = sslc_decompose(weight.float(), self.stats.gram, r, B - r * (m + n), o.iters, o.protect)
-        if r == 0:
-            return CompressedWeight(S=S.to(weight.dtype), mask=mask, info=info)
-        return CompressedWeight(S=S.to(weight.dtype), mask=mask, U=U.to(weight.dtype), V=V.to(weight.dtype), info=info)
+        return lowrank_plus_sparse(weight.dtype, S, mask, U if r else None, V, info)
 
     def free(self) -> None:
         self.stats.free()
