@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ from capllm.engine.context import CompressionContext
 from capllm.errors import CapllmError
 from capllm.eval.perplexity import PerplexityConfig, evaluate_perplexity
 from capllm.methods.base import Structure, get_method
-from capllm.models.layers import count_params, find_linears
+from capllm.models.layers import count_params
 from capllm.models.loader import DEFAULT_MODEL, load_model
 from capllm.results import capllm_version, environment, params_block
-from capllm.utils import StageTimer, atomic_dir, cache_dir, peak_cuda_mb, peak_rss_mb, resolve_device, write_json_atomic
+from capllm.utils import StageTimer, atomic_dir, cache_dir, json_cache_get, json_cache_put, peak_cuda_mb, peak_rss_mb, resolve_device, write_json_atomic
 
 DEFAULT_METHOD = "cap"  # measured: beats sparsegpt, wanda, magnitude and cap-uniform at 50 % (BENCHMARKS.md)
 SAVE_MODES = ("compressed", "dense", "none")
@@ -106,18 +106,11 @@ def dense_perplexity(model, tokenizer, pcfg: PerplexityConfig, device, progress:
     path = cache_dir() / "dense-perplexity.json"
     msrc = getattr(model, "_capllm_source", None)
     key = _ppl_cache_key(msrc, source, pcfg, pcfg.seqlen) if (msrc and use_cache) else None
-    cache = {}
-    if key and path.exists():
-        try:
-            cache = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            cache = {}
-        if key in cache:
-            return {**cache[key], "cached": True}
+    hit = json_cache_get(path, key)
+    if hit is not None:
+        return {**hit, "cached": True}
     res = evaluate_perplexity(model, tokenizer, pcfg, device=device, progress=progress, source=source)
-    if key:
-        cache[key] = res
-        write_json_atomic(path, cache)
+    json_cache_put(path, key, res)
     return res
 
 

@@ -115,3 +115,25 @@ def cache_dir() -> Path:
     """Root of capllm's caches: ``$CAPLLM_CACHE`` or ``~/.cache/capllm``."""
     root = os.environ.get("CAPLLM_CACHE") or os.path.join(Path.home(), ".cache", "capllm")
     return Path(root)
+
+
+def json_cache_get(path: Path, key: str | None):
+    """The value stored under ``key`` in the JSON dict at ``path``, or ``None`` (no key, no file, unreadable file)."""
+    if not key or not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def json_cache_put(path: Path, key: str | None, value) -> None:
+    """Store ``value`` under ``key`` in the JSON dict at ``path`` (atomically; an unreadable file is replaced)."""
+    if not key:
+        return
+    try:
+        cache = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        cache = {}
+    cache[key] = value
+    write_json_atomic(path, cache)

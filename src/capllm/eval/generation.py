@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from capllm.data.calibration import tokenize_text
 from capllm.errors import CapllmError
-from capllm.utils import cache_dir, write_json_atomic
+from capllm.utils import cache_dir, json_cache_get, json_cache_put
 
 
 @dataclass(frozen=True)
@@ -134,22 +134,14 @@ def dense_reference(model, prompts: torch.Tensor, cfg: GenerationConfig, device,
     path = cache_dir() / "dense-generation.json"
     src = getattr(model, "_capllm_source", None)
     key = _ref_key(src, prompts, cfg) if (src and use_cache) else None
-    cache = {}
-    if key and path.exists():
-        try:
-            cache = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            cache = {}
-        if key in cache:
-            c = cache[key]
-            return {"continuations": torch.tensor(c["continuations"]), "nll": torch.tensor(c["nll"], dtype=torch.float64), "cached": True, "time_s": c["time_s"]}
+    c = json_cache_get(path, key)
+    if c is not None:
+        return {"continuations": torch.tensor(c["continuations"]), "nll": torch.tensor(c["nll"], dtype=torch.float64), "cached": True, "time_s": c["time_s"]}
     t0 = time.perf_counter()
     conts = greedy(model, prompts, cfg.new_tokens, cfg.batch_size, device, cfg.decode_threads)
     nll = continuation_nll(model, prompts, conts, cfg.batch_size, device)
     ref = {"continuations": conts, "nll": nll, "cached": False, "time_s": round(time.perf_counter() - t0, 3)}
-    if key:
-        cache[key] = {"continuations": conts.tolist(), "nll": nll.tolist(), "time_s": ref["time_s"]}
-        write_json_atomic(path, cache)
+    json_cache_put(path, key, {"continuations": conts.tolist(), "nll": nll.tolist(), "time_s": ref["time_s"]})
     return ref
 
 
