@@ -83,3 +83,13 @@ def _isolated_cache(request, tmp_path, monkeypatch):
         monkeypatch.setenv("CAPLLM_CACHE", str(tmp_path / "capllm-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread. On a busy 2-core machine a 2-thread OpenMP region costs ~5 ms per op
+    (150× a 1-thread tiny matmul), which would dominate these tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,14 +14,7 @@ from capllm.errors import CapllmError
 from capllm.eval.bench import BenchConfig, Cell, plan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. On a busy 2-core machine a 2-thread OpenMP region costs ~5 ms per op
-    (150× a 1-thread tiny matmul), which would dominate these tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def _grid_args(tiny_model_dir, text_file, out):

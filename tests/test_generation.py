@@ -13,14 +13,7 @@ from capllm.eval.generation import GenerationConfig, agreement, dense_reference,
 from conftest import TEXT, tiny_model, train_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. On a busy 2-core machine a 2-thread OpenMP region costs ~5 ms per op
-    (150× a 1-thread tiny matmul), which would dominate these tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 @pytest.fixture(scope="module")

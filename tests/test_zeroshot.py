@@ -20,14 +20,7 @@ pytest.importorskip("lm_eval", reason="zero-shot needs lm-eval: pip install -e '
 from capllm.eval.zeroshot import evaluate_zeroshot, parse_tasks, subsample, zeroshot_table  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. On a busy 2-core machine a 2-thread OpenMP region costs ~5 ms per op
-    (150× a 1-thread tiny matmul), which would dominate these tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 DOCS = [
     {"question": "The fox jumps over the", "choices": ["lazy dog", "sea", "gold and the worm"], "label": 0},
