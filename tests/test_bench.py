@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from capllm.cli.main import main
 from capllm.errors import CapllmError

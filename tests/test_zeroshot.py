@@ -5,7 +5,6 @@ reproduce lm-eval's own definitions."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
