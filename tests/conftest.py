@@ -3,7 +3,6 @@ spot, and a small text corpus — everything built inside the test, nothing down
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -93,3 +92,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def random_layer(m=48, n=64, tokens=512, seed=0, correlated=True):
+    """A random weight ``(m, n)`` and inputs ``(tokens, n)``; ``correlated``: unequal scales and
+    correlations between input features, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g)
+    X = torch.randn(tokens, n, generator=g)
+    if correlated:
+        mix = torch.randn(n, n, generator=g) / n**0.5 + torch.eye(n)
+        X = (X @ mix) * torch.linspace(0.2, 3.0, n)
+    return W, X
+
+
+def run_layer_compressor(method: str, W, X, ratio=0.5, structure=None, **opts):
+    """One matrix through ``method``'s layer compressor, inputs fed in several batches."""
+    from capllm.methods.base import Structure, get_method
+
+    meth = get_method(method)(ratio, Structure.parse(structure), opts)
+
+    class H:  # the minimal LinearHandle surface a compressor needs
+        shape = tuple(W.shape)
+        module = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+
+    comp = meth.layer_compressor(H)
+    for chunk in X.split(100):  # several batches: accumulation must not depend on batching
+        comp.add_batch(chunk.unsqueeze(0), None)
+    cw = comp.compress(W.clone())
+    comp.free()
+    return cw

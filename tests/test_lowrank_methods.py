@@ -15,35 +15,17 @@ from capllm.methods.base import Structure, get_method, matrix_budget
 from capllm.methods.lowrank import subspace_svd, truncated_svd, whitening_factor
 from capllm.methods.masks import keep_per_row_filled, prune_lowest_per_row
 from capllm.methods.wanda import wanda_mask
-from conftest import tiny_model
+from conftest import random_layer, run_layer_compressor, tiny_model
 
 LOW_RANK_ONLY = ["svd", "asvd", "svd-llm"]
 FILLING = ["oats", "losparse", "sslc"]  # low-rank + sparse: the sparse part fills the budget exactly
 
 
-def _layer(m=48, n=64, tokens=512, seed=0):
-    """A random weight and inputs with unequal scales and correlations, like real activations."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(m, n, generator=g)
-    X = torch.randn(tokens, n, generator=g)
-    mix = torch.randn(n, n, generator=g) / n**0.5 + torch.eye(n)
-    X = (X @ mix) * torch.linspace(0.2, 3.0, n)
-    return W, X
+def _layer(m=48, n=64, tokens=512, seed=0, correlated=True):
+    return random_layer(m, n, tokens, seed, correlated)
 
 
-def _run(method: str, W, X, ratio=0.5, structure=None, **opts):
-    meth = get_method(method)(ratio, Structure.parse(structure), opts)
-
-    class H:  # the minimal LinearHandle surface a compressor needs
-        shape = tuple(W.shape)
-        module = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-
-    comp = meth.layer_compressor(H)
-    for chunk in X.split(100):  # several batches: accumulation must not depend on batching
-        comp.add_batch(chunk.unsqueeze(0), None)
-    cw = comp.compress(W.clone())
-    comp.free()
-    return cw
+_run = run_layer_compressor
 
 
 def _out_err(W, What, X) -> float:

@@ -6,31 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from capllm.methods.base import Structure, get_method
-from capllm.methods.sparsegpt import sparsegpt_prune
+from capllm.methods.base import Structure
+from conftest import random_layer, run_layer_compressor
 
 
 def _layer(m=48, n=64, tokens=512, seed=0, correlated=True):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(m, n, generator=g)
-    X = torch.randn(tokens, n, generator=g)
-    if correlated:  # inputs with unequal scales and correlations, like real activations
-        mix = torch.randn(n, n, generator=g) / n**0.5 + torch.eye(n)
-        X = (X @ mix) * torch.linspace(0.2, 3.0, n)
-    return W, X
+    return random_layer(m, n, tokens, seed, correlated)
 
 
-def _run(method: str, W, X, ratio=0.5, structure=None, **opts):
-    meth = get_method(method)(ratio, Structure.parse(structure), opts)
-
-    class H:  # the minimal LinearHandle surface a compressor needs
-        shape = tuple(W.shape)
-        module = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-
-    comp = meth.layer_compressor(H)
-    for chunk in X.split(100):  # several batches: accumulation must not depend on batching
-        comp.add_batch(chunk.unsqueeze(0), None)
-    return comp.compress(W.clone())
+_run = run_layer_compressor
 
 
 def test_magnitude_matches_numpy():
