@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
+from capllm.engine.stats import InputStats
 from capllm.errors import CapllmError
 
 if TYPE_CHECKING:
@@ -73,6 +74,23 @@ class LayerCompressor(Protocol):
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None: ...
     def compress(self, weight: torch.Tensor) -> CompressedWeight: ...
     def free(self) -> None: ...
+
+
+class StatsCompressor:
+    """A layer compressor whose only statistics are the layer's inputs (``STATS``: the
+    :class:`~capllm.engine.stats.InputStats` moments it needs); subclasses define ``compress``."""
+
+    STATS: ClassVar[dict[str, bool]] = {"sq": True}
+
+    def __init__(self, n_in: int, device, method: "Method") -> None:
+        self.stats = InputStats(n_in, device, **self.STATS)
+        self.method = method
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        self.stats.add_batch(inp)
+
+    def free(self) -> None:
+        self.stats.free()
 
 
 @dataclass(frozen=True)

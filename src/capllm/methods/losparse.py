@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from capllm.engine.stats import InputStats
 from capllm.errors import CapllmError
-from capllm.methods.base import CompressedWeight, Method, matrix_budget, register
+from capllm.methods.base import CompressedWeight, Method, StatsCompressor, matrix_budget, register
 from capllm.methods.lowrank import diag_weighted_error, fold, lowrank_plus_sparse, rank_at_budget, truncated_svd
 from capllm.methods.masks import keep_top_k
 from capllm.methods.oats import input_scale
@@ -56,13 +55,8 @@ def losparse_decompose(W: torch.Tensor, sq: torch.Tensor, r: int, keep: int, ite
     return Uf, Vf, S, mask, errors
 
 
-class _LoSparseCompressor:
-    def __init__(self, n_in, device, method: "LoSparse"):
-        self.stats = InputStats(n_in, device, sq=True)
-        self.method = method
-
-    def add_batch(self, inp, out) -> None:
-        self.stats.add_batch(inp)
+class _LoSparseCompressor(StatsCompressor):
+    STATS = {"sq": True}
 
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         o = self.method.options
@@ -72,9 +66,6 @@ class _LoSparseCompressor:
         U, V, S, mask, errors = losparse_decompose(weight.float(), self.stats.sq, r, B - r * (m + n), o.iters)
         info = {"errors": errors}
         return lowrank_plus_sparse(weight.dtype, S, mask, U if r else None, V, info)
-
-    def free(self) -> None:
-        self.stats.free()
 
 
 @register

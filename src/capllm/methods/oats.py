@@ -38,9 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from capllm.engine.stats import InputStats
 from capllm.errors import CapllmError
-from capllm.methods.base import CompressedWeight, Method, Structure, matrix_budget, register
+from capllm.methods.base import CompressedWeight, Method, StatsCompressor, Structure, matrix_budget, register
 from capllm.methods.lowrank import fold, lowrank_plus_sparse, rank_at_budget, subspace_svd, truncated_svd
 from capllm.methods.masks import keep_nm, keep_per_row_filled
 
@@ -97,13 +96,8 @@ def oats_decompose(A: torch.Tensor, r: int, keep: int, iters: int, structure: St
     return U, s, V, S, mask, errors
 
 
-class _OATSCompressor:
-    def __init__(self, n_in, device, method: "OATS"):
-        self.stats = InputStats(n_in, device, sq=True)
-        self.method = method
-
-    def add_batch(self, inp, out) -> None:
-        self.stats.add_batch(inp)
+class _OATSCompressor(StatsCompressor):
+    STATS = {"sq": True}
 
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         o, meth = self.method.options, self.method
@@ -120,9 +114,6 @@ class _OATSCompressor:
             return lowrank_plus_sparse(weight.dtype, S, mask, None, None, info)
         Uf, Vf = fold(U, s, V)
         return lowrank_plus_sparse(weight.dtype, S, mask, Uf, Vf / d.unsqueeze(1), info)
-
-    def free(self) -> None:
-        self.stats.free()
 
 
 @register

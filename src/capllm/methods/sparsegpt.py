@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from capllm.engine.stats import InputStats
 from capllm.errors import CapllmError
-from capllm.methods.base import CompressedWeight, Method, register
+from capllm.methods.base import CompressedWeight, Method, StatsCompressor, register
 
 
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structure=None, blocksize: int = 128, percdamp: float = 0.01, keep_mask: torch.Tensor | None = None):
@@ -83,21 +82,13 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structu
     return W, keep, {"damping_scale": 10**attempt}
 
 
-class _SparseGPTCompressor:
-    def __init__(self, n_in, device, method: "SparseGPT"):
-        self.stats = InputStats(n_in, device, sq=False, gram=True)
-        self.method = method
-
-    def add_batch(self, inp, out) -> None:
-        self.stats.add_batch(inp)
+class _SparseGPTCompressor(StatsCompressor):
+    STATS = {"sq": False, "gram": True}
 
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         o = self.method.options
         W, keep, info = sparsegpt_prune(weight, self.stats.gram, self.method.ratio, self.method.structure, o.blocksize, o.percdamp)
         return CompressedWeight(S=W.to(weight.dtype) * keep, mask=keep, info=info)
-
-    def free(self) -> None:
-        self.stats.free()
 
 
 @register

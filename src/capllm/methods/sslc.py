@@ -42,9 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from capllm.engine.stats import InputStats
 from capllm.errors import CapllmError
-from capllm.methods.base import CompressedWeight, Method, matrix_budget, register
+from capllm.methods.base import CompressedWeight, Method, StatsCompressor, matrix_budget, register
 from capllm.methods.lowrank import lowrank_plus_sparse, rank_at_budget, whitened_svd, whitening_factor
 from capllm.methods.masks import keep_per_row_filled, keep_top_k
 
@@ -86,13 +85,8 @@ def sslc_decompose(W: torch.Tensor, H: torch.Tensor, r: int, keep: int, iters: i
     return U, V, S, mask, errors, info
 
 
-class _SSLCCompressor:
-    def __init__(self, n_in, device, method: "SSLC"):
-        self.stats = InputStats(n_in, device, sq=False, gram=True)
-        self.method = method
-
-    def add_batch(self, inp, out) -> None:
-        self.stats.add_batch(inp)
+class _SSLCCompressor(StatsCompressor):
+    STATS = {"sq": False, "gram": True}
 
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         o = self.method.options
@@ -101,9 +95,6 @@ class _SSLCCompressor:
         r = rank_at_budget(m, n, o.rank_share * B)
         U, V, S, mask, _, info = sslc_decompose(weight.float(), self.stats.gram, r, B - r * (m + n), o.iters, o.protect)
         return lowrank_plus_sparse(weight.dtype, S, mask, U if r else None, V, info)
-
-    def free(self) -> None:
-        self.stats.free()
 
 
 @register
