@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from capllm.engine.stats import InputStats
-from capllm.methods.base import CompressedWeight, Method, register
+from capllm.methods.base import CompressedWeight, Method, StatsCompressor, register
 from capllm.methods.lowrank import fold, truncated_svd
 from capllm.methods.svd import budget_rank, low_rank_result
 
@@ -27,23 +26,15 @@ def asvd_scale(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return abs_mean.double().clamp_min(0).pow(alpha) + 1e-6
 
 
-class _ASVDCompressor:
-    def __init__(self, n_in, device, ratio, alpha):
-        self.stats = InputStats(n_in, device, sq=False, abs_mean=True)
-        self.ratio, self.alpha = ratio, alpha
-
-    def add_batch(self, inp, out) -> None:
-        self.stats.add_batch(inp)
+class _ASVDCompressor(StatsCompressor):
+    STATS = {"sq": False, "abs_mean": True}
 
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
-        r = budget_rank(weight, self.ratio)
-        s_in = asvd_scale(self.stats.abs, self.alpha).to(torch.float32)
+        r = budget_rank(weight, self.method.ratio)
+        s_in = asvd_scale(self.stats.abs, self.method.options.alpha).to(torch.float32)
         U, s, Q = truncated_svd(weight.float() * s_in.unsqueeze(0), r)
         Uf, Qf = fold(U, s, Q)
         return low_rank_result(weight, Uf, Qf / s_in.unsqueeze(1), {})
-
-    def free(self) -> None:
-        self.stats.free()
 
 
 @register
@@ -56,4 +47,4 @@ class ASVD(Method):
         alpha: float = 0.5
 
     def layer_compressor(self, handle):
-        return _ASVDCompressor(handle.shape[1], handle.module.weight.device, self.ratio, self.options.alpha)
+        return _ASVDCompressor(handle.shape[1], handle.module.weight.device, self)

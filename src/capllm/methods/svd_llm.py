@@ -20,31 +20,22 @@ from __future__ import annotations
 
 import torch
 
-from capllm.engine.stats import InputStats
-from capllm.methods.base import CompressedWeight, Method, register
+from capllm.methods.base import CompressedWeight, Method, StatsCompressor, register
 from capllm.methods.lowrank import whitened_svd, whitening_factor
 from capllm.methods.svd import budget_rank, low_rank_result
 
 
-class _SVDLLMCompressor:
-    def __init__(self, n_in, device, ratio):
-        self.stats = InputStats(n_in, device, sq=False, gram=True)
-        self.ratio = ratio
-
-    def add_batch(self, inp, out) -> None:
-        self.stats.add_batch(inp)
+class _SVDLLMCompressor(StatsCompressor):
+    STATS = {"sq": False, "gram": True}
 
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
-        r = budget_rank(weight, self.ratio)
+        r = budget_rank(weight, self.method.ratio)
         Lc, jitter = whitening_factor(self.stats.gram)
         U, V, s = whitened_svd(weight.float(), Lc, r)
         s2 = s.double().pow(2)
         info = {"whitening_jitter": jitter,
                 "rel_output_error": round(float(s2[r:].sum().sqrt() / s2.sum().sqrt().clamp_min(1e-30)), 6)}
         return low_rank_result(weight, U, V, info)
-
-    def free(self) -> None:
-        self.stats.free()
 
 
 @register
@@ -53,4 +44,4 @@ class SVDLLM(Method):
     description = "SVD of W·chol(E[xxᵀ]) then un-whiten: closed-form output-error-optimal rank r (Wang et al. 2024)"
 
     def layer_compressor(self, handle):
-        return _SVDLLMCompressor(handle.shape[1], handle.module.weight.device, self.ratio)
+        return _SVDLLMCompressor(handle.shape[1], handle.module.weight.device, self)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from capllm.engine.stats import InputStats
-from capllm.methods.base import CompressedWeight, Method, register
+from capllm.methods.base import CompressedWeight, Method, StatsCompressor, register
 from capllm.methods.masks import keep_nm, prune_lowest_per_row
 
 
@@ -26,20 +25,12 @@ def wanda_mask(weight: torch.Tensor, sq_norm: torch.Tensor, ratio: float, struct
     return prune_lowest_per_row(score, int(weight.shape[1] * ratio))
 
 
-class _WandaCompressor:
-    def __init__(self, n_in, device, ratio, structure):
-        self.stats = InputStats(n_in, device, sq=True)
-        self.ratio, self.structure = ratio, structure
-
-    def add_batch(self, inp, out) -> None:
-        self.stats.add_batch(inp)
+class _WandaCompressor(StatsCompressor):
+    STATS = {"sq": True}
 
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
-        mask = wanda_mask(weight, self.stats.sq, self.ratio, self.structure)
+        mask = wanda_mask(weight, self.stats.sq, self.method.ratio, self.method.structure)
         return CompressedWeight(S=weight * mask, mask=mask)
-
-    def free(self) -> None:
-        self.stats.free()
 
 
 @register
@@ -49,4 +40,4 @@ class Wanda(Method):
     supports_structure = True
 
     def layer_compressor(self, handle):
-        return _WandaCompressor(handle.shape[1], handle.module.weight.device, self.ratio, self.structure)
+        return _WandaCompressor(handle.shape[1], handle.module.weight.device, self)
