@@ -5,6 +5,8 @@ IALM, the whole-model Stage 1, and the paper's Figure 2 (perplexity of L + S aft
     flock /work/locks/heavy.lock python benchmarks/rpca_speed.py model --workers 2
     flock /work/locks/heavy.lock python benchmarks/rpca_speed.py fig2 --data-dir ../shared/data
     flock /work/locks/heavy.lock python benchmarks/rpca_speed.py schedule
+    python benchmarks/rpca_speed.py speed --device cuda        # on a GPU: both solvers there
+    python benchmarks/rpca_speed.py model --device cuda --batch 8
 
 ``speed``: for every weight shape, a few matrices (layers 0, 15, 29 by default) decomposed by
 (a) :func:`capllm.decompose.reference.rpca_reference` (full float64 LAPACK SVD every iteration)
@@ -40,7 +42,14 @@ COUNT = {"self_attn.q_proj": 60, "self_attn.k_proj": 60, "mlp.gate_proj": 60, "m
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat()}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "gpu": gpu, "device": ARGS.device,
+            "torch": torch.__version__, "date": date.today().isoformat()}
+
+
+def sync() -> None:
+    if ARGS.device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def write(part: str, obj: dict) -> None:
@@ -68,17 +77,21 @@ def part_speed(a) -> None:
     for label, role in ROLES.items():
         for layer in a.layers:
             name = f"model.layers.{layer}.{role}"
-            W = handles[name].weight_copy()
+            W = handles[name].weight_copy().to(a.device)
             t_ref = t_ours = t_gram = float("inf")
             for _ in range(a.repeat):  # best of `repeat`: the machine is shared
+                sync()
                 t = time.perf_counter()
                 ref = rpca_reference(W, max_iter=a.max_iter)
+                sync()
                 t_ref = min(t_ref, time.perf_counter() - t)
                 t = time.perf_counter()
-                res = rpca(W, max_iter=a.max_iter)
+                res = rpca(W, max_iter=a.max_iter, device=a.device)
+                sync()
                 t_ours = min(t_ours, time.perf_counter() - t)
                 t = time.perf_counter()
-                gram_only = rpca(W, max_iter=a.max_iter, svd="gram")  # ablation: no partial steps
+                gram_only = rpca(W, max_iter=a.max_iter, svd="gram", device=a.device)  # ablation: no partial steps
+                sync()
                 t_gram = min(t_gram, time.perf_counter() - t)
             nW = W.double().norm()
             row = {"shape": label, "name": name, "ref_s": round(t_ref, 3), "ours_s": round(t_ours, 3), "speedup": round(t_ref / t_ours, 2), "ours_gram_only_s": round(t_gram, 3),
@@ -102,7 +115,7 @@ def part_speed(a) -> None:
         est_ours += mo * COUNT[ROLES[label]]
     out = {"machine": machine(), "threads": a.threads, "layers": a.layers, "repeat": a.repeat, "rows": rows, "summary": summary,
            "whole_model_estimate_s": {"reference": round(est_ref, 1), "ours_sequential": round(est_ours, 1), "speedup": round(est_ref / est_ours, 2)}}
-    write(f"speed-t{a.threads}", out)
+    write(f"speed-t{a.threads}" if a.device == "cpu" else f"speed-{a.device.replace(':', '')}", out)
     print("| shape | matrices | iterations | reference (full fp64 SVD) s | ours s | speed-up | ours without partial steps s | max ‖ΔL‖/‖W‖, ‖ΔS‖/‖W‖ vs reference |\n|---|---|---|---|---|---|---|---|")
     for s in summary:
         print(f"| {s['shape']} | {s['matrices']} | {s['iterations'][0]}–{s['iterations'][-1]} | {s['ref_median_s']:.2f} | {s['ours_median_s']:.2f} | {s['speedup']:.1f}× | "
@@ -118,7 +131,8 @@ def part_model(a) -> None:
     model, _ = capllm.load_model(a.model)
     out_dir = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="rpca-smollm2-"))
     t = time.perf_counter()
-    man = decompose_model(model, RPCAConfig(max_iter=a.max_iter), out_dir, progress=True, workers=a.workers)
+    man = decompose_model(model, RPCAConfig(max_iter=a.max_iter), out_dir, progress=True, workers=a.workers, device=a.device, batch=a.batch)
+    sync()
     wall = time.perf_counter() - t
     mats = man["matrices"]
     by_role: dict[str, list] = {}
@@ -133,9 +147,9 @@ def part_model(a) -> None:
                       "max_residual": max(x["residual"] for x in ms), "median_s": statistics.median(x["seconds"] for x in ms)})
     dense = sum(m["shape"][0] * m["shape"][1] for m in mats.values())
     pool = sum(m["rank"] * (m["shape"][0] + m["shape"][1]) + m["nnz"] for m in mats.values())
-    out = {"machine": machine(), "workers": a.workers, "wall_s": round(wall, 1), "matrices": len(mats), "converged": sum(m["converged"] for m in mats.values()),
+    out = {"machine": machine(), "workers": a.workers, "batch": a.batch, "wall_s": round(wall, 1), "matrices": len(mats), "converged": sum(m["converged"] for m in mats.values()),
            "cache_dir": str(out_dir), "candidate_pool_over_dense": round(pool / dense, 4), "roles": roles, "per_matrix": mats}
-    write("model", out)
+    write("model" if a.device == "cpu" else f"model-{a.device.replace(':', '')}-b{a.batch}", out)
     print(f"whole SmolLM2-135M Stage 1: {wall:.0f} s wall, {out['converged']}/{len(mats)} converged, candidate pool {pool / dense:.2f}× dense")
     print("| role | shape | iterations | rank(L) / full | nnz(S) / mn | ‖S‖/‖W‖ | max residual | median s per matrix |\n|---|---|---|---|---|---|---|---|")
     for r in roles:
@@ -234,6 +248,7 @@ def main() -> None:
     m.add_argument("--workers", type=int, default=None)
     m.add_argument("--max-iter", type=int, default=100)
     m.add_argument("--out", default=None, help="cache directory (default: a new temporary one)")
+    m.add_argument("--batch", type=int, default=1, help="same-shape matrices per batched IALM (pays on a GPU)")
     f = sub.add_parser("fig2")
     f.add_argument("--iters", nargs="+", default=["1", "3", "10", "converged", "100"])
     f.add_argument("--cache", default=None, help="a finished `model` cache for the converged row")
@@ -250,6 +265,7 @@ def main() -> None:
     for p in (s, m, f, c):
         p.add_argument("--model", default=MODEL)
         p.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
+        p.add_argument("--device", default="cpu", help="cpu or cuda (speed, model: both solvers run there)")
     global ARGS
     a = ARGS = ap.parse_args()
     {"speed": part_speed, "model": part_model, "fig2": part_fig2, "schedule": part_schedule}[a.part](a)
