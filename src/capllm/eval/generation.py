@@ -138,8 +138,14 @@ def dense_reference(model, prompts: torch.Tensor, cfg: GenerationConfig, device,
     if c is not None:
         return {"continuations": torch.tensor(c["continuations"]), "nll": torch.tensor(c["nll"], dtype=torch.float64), "cached": True, "time_s": c["time_s"]}
     t0 = time.perf_counter()
-    conts = greedy(model, prompts, cfg.new_tokens, cfg.batch_size, device, cfg.decode_threads)
-    nll = continuation_nll(model, prompts, conts, cfg.batch_size, device)
+    # the dense model is still where it was loaded (the CPU): run it on `device`, then put it back
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        conts = greedy(model, prompts, cfg.new_tokens, cfg.batch_size, device, cfg.decode_threads)
+        nll = continuation_nll(model, prompts, conts, cfg.batch_size, device)
+    finally:
+        model.to(home)
     ref = {"continuations": conts, "nll": nll, "cached": False, "time_s": round(time.perf_counter() - t0, 3)}
     json_cache_put(path, key, {"continuations": conts.tolist(), "nll": nll.tolist(), "time_s": ref["time_s"]})
     return ref
@@ -153,6 +159,7 @@ def generation_check(model, tokenizer, prompts: torch.Tensor, ref: dict[str, Any
     after the compressed model has generated, so the dense copy only lives for the scoring pass).
     """
     t0 = time.perf_counter()
+    model.to(device)
     conts = greedy(model, prompts, cfg.new_tokens, cfg.batch_size, device, cfg.decode_threads)
     t_gen = time.perf_counter() - t0
     dense = dense_scorer() if callable(dense_scorer) and not isinstance(dense_scorer, torch.nn.Module) else dense_scorer
