@@ -147,28 +147,34 @@ def plot_ratio(rows: list[dict], dense_ppl: float | None, path: Path, title: str
     if not by_method:
         return None
     zs = any(_zs(r) is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if zs else 1, figsize=(11 if zs else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if zs else 1, figsize=(12 if zs else 7, 4.2), squeeze=False)
+    # one colour per method (tab20 has enough for the whole registry) and a marker cycle as well,
+    # so no two lines look alike; the legend sits outside the axes, away from the data
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>ph*X"
+    style = {m: {"color": colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "marker": markers[i % len(markers)]}
+             for i, m in enumerate(sorted(by_method))}
     ax = axes[0][0]
     for m, rs in sorted(by_method.items()):
         rs = sorted(rs, key=lambda r: r["ratio"])
-        ax.plot([r["ratio"] * 100 for r in rs], [_ppl(r) for r in rs], marker="o", label=m)
+        ax.plot([r["ratio"] * 100 for r in rs], [_ppl(r) for r in rs], label=m, **style[m])
     if dense_ppl:
         ax.axhline(dense_ppl, color="k", ls="--", lw=1, label="dense")
     ax.set_yscale("log")
     ax.set(xlabel="parameters removed from decoder linears (%)", ylabel="perplexity (log scale)", title=title)
-    ax.legend()
     if zs:
         ax2 = axes[0][1]
         for m, rs in sorted(by_method.items()):
             rs = sorted((r for r in rs if _zs(r) is not None), key=lambda r: r["ratio"])
-            ax2.plot([r["ratio"] * 100 for r in rs], [100 * _zs(r) for r in rs], marker="o", label=m)
+            ax2.plot([r["ratio"] * 100 for r in rs], [100 * _zs(r) for r in rs], label=m, **style[m])
         d = next((r for r in rows if r["method"] == "dense" and _zs(r) is not None), None)
         if d:
             ax2.axhline(100 * _zs(d), color="k", ls="--", lw=1, label="dense")
         ax2.set(xlabel="parameters removed from decoder linears (%)", ylabel="zero-shot mean accuracy (%)", title="zero-shot")
-        ax2.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
