@@ -123,14 +123,26 @@ def main() -> None:
             out["device_agreement"].append({"cell": name, "cpu": p["perplexity"]["value"], "grid": g["ppl"]})
         md.append("")
     if a.peers:
-        md += ["## llm-compressor side by side\n", "| method | ratio | llm-compressor ppl | capllm ppl (grid) | capllm ÷ llm-compressor | capllm cap ÷ llm-compressor |", "|---|---|---|---|---|---|"]
+        cpu_rows = {}
+        if a.protocol:  # capllm's own CPU cell of the same method (the peer was scored on the CPU too)
+            for f in Path(a.protocol).glob("*.json"):
+                try:
+                    p = json.loads(f.read_text())
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(p, dict) and "perplexity" in p and f.stem == f"{p.get('method')}-{p.get('ratio'):g}":
+                    cpu_rows[(p["method"], p["ratio"])] = p["perplexity"]["value"]
+        md += ["## llm-compressor side by side\n",
+               "| method | ratio | llm-compressor ppl (CPU) | capllm ppl, CPU | capllm ÷ llm-compressor (CPU) | capllm ppl, grid | capllm cap (grid) ÷ llm-compressor |",
+               "|---|---|---|---|---|---|---|"]
         for p in json.loads(Path(a.peers).read_text()):
             g, cap = by.get((p["method"], p["ratio"])), by.get(("cap", p["ratio"]))
-            if g is None:
+            if g is None or cap is None:
                 continue
-            v = p["perplexity"]["value"]
-            md.append(f"| {p['method']} | {p['ratio']:.0%} | {v:.2f} | {g['ppl']:.2f} | {g['ppl'] / v:.3f} | {cap['ppl'] / v:.3f} |" if cap else "")
-            out["peers"].append({"method": p["method"], "ratio": p["ratio"], "peer_ppl": v, "capllm_ppl": g["ppl"], "tool": p.get("tool")})
+            v, c = p["perplexity"]["value"], cpu_rows.get((p["method"], p["ratio"]))
+            cpu = f"{c:.2f} | {c / v:.3f}" if c else "– | –"
+            md.append(f"| {p['method']} | {p['ratio']:.0%} | {v:.2f} | {cpu} | {g['ppl']:.2f} | {cap['ppl'] / v:.3f} |")
+            out["peers"].append({"method": p["method"], "ratio": p["ratio"], "peer_ppl": v, "capllm_cpu_ppl": c, "capllm_grid_ppl": g["ppl"], "tool": p.get("tool")})
         md.append("")
     (grid / "summary.md").write_text("\n".join(md))
     (grid / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
