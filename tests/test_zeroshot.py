@@ -200,3 +200,22 @@ def test_eval_cli_tasks_alone_skips_perplexity(tiny_model_dir, text_file, tmp_pa
                  "--dataset", str(text_file), "--seqlen", "64", "--max-windows", "1", "--device", "cpu", "--quiet", "--out", str(out2)]) == 0
     res = json.loads((out2 / "result.json").read_text())
     assert res["perplexity"]["windows"] == 1 and res["zeroshot"]["tasks"]["tiny_mc"]["n"] == 3
+
+
+def test_out_of_memory_in_zero_shot_is_one_line_naming_the_batch_size(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import lm_eval.evaluator
+
+    from capllm.cli.main import main
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", oom)
+    out = tmp_path / "zs"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--tasks", "tiny_mc", "--include-path", str(write_task(tmp_path)), "--zs-source", "local",
+               "--zs-batch-size", "32", "--device", "cpu", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 3 and "Traceback" not in err
+    ours = [line for line in err.splitlines() if line.startswith("capllm:")]  # (transformers' load bar may precede it)
+    assert ours == ["capllm: error: out of memory in zero-shot task tiny_mc on cpu: lower --zs-batch-size (now 32) or free the device"]
+    assert not out.exists()  # nothing half-written

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from capllm.errors import CapllmError
+from capllm.errors import CapllmError, is_out_of_memory
 
 SUBCOMMANDS = ["compress", "decompose", "eval", "bench", "generate", "download", "methods"]
 _MODULE = {"eval": "evaluate"}  # subcommand → module name where they differ
@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return _module(a.cmd).run(a)
     except CapllmError as exc:
         print(f"capllm: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except (MemoryError, RuntimeError) as exc:
-        if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        if is_out_of_memory(exc):
             print("capllm: error: out of memory: use fewer/shorter calibration windows (--nsamples, --seqlen), a shorter --eval-seqlen, or a larger machine", file=sys.stderr)
             return 3
         raise

