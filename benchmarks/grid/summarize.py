@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("grid")
     ap.add_argument("--protocol", default=None, help="benchmarks/results/<model>/ of run_protocol.py (CPU rows) for the device comparison")
     ap.add_argument("--peers", default=None, help="benchmarks/results/peers/<model>.json")
+    ap.add_argument("--peer-zeroshot", default=None, help="directory of `capllm eval --tasks` results of the peers' outputs, <peer tag>.json")
     a = ap.parse_args()
     grid = Path(a.grid)
     cells = load_cells(grid)
@@ -133,16 +134,22 @@ def main() -> None:
                 if isinstance(p, dict) and "perplexity" in p and f.stem == f"{p.get('method')}-{p.get('ratio'):g}":
                     cpu_rows[(p["method"], p["ratio"])] = p["perplexity"]["value"]
         md += ["## llm-compressor side by side\n",
-               "| method | ratio | llm-compressor ppl (CPU) | capllm ppl, CPU | capllm ÷ llm-compressor (CPU) | capllm ppl, grid | capllm cap (grid) ÷ llm-compressor |",
-               "|---|---|---|---|---|---|---|"]
+               "| method | ratio | llm-compressor ppl (CPU) | capllm ppl, CPU | capllm ÷ llm-compressor (CPU) | capllm ppl, grid | capllm cap (grid) ÷ llm-compressor "
+               "| llm-compressor zero-shot mean (8) | capllm zero-shot mean (grid) |",
+               "|---|---|---|---|---|---|---|---|---|"]
         for p in json.loads(Path(a.peers).read_text()):
             g, cap = by.get((p["method"], p["ratio"])), by.get(("cap", p["ratio"]))
             if g is None or cap is None:
                 continue
             v, c = p["perplexity"]["value"], cpu_rows.get((p["method"], p["ratio"]))
             cpu = f"{c:.2f} | {c / v:.3f}" if c else "– | –"
-            md.append(f"| {p['method']} | {p['ratio']:.0%} | {v:.2f} | {cpu} | {g['ppl']:.2f} | {cap['ppl'] / v:.3f} |")
-            out["peers"].append({"method": p["method"], "ratio": p["ratio"], "peer_ppl": v, "capllm_cpu_ppl": c, "capllm_grid_ppl": g["ppl"], "tool": p.get("tool")})
+            zf = Path(a.peer_zeroshot) / f"{p.get('tag')}.json" if a.peer_zeroshot else None
+            pz = zs_scores(json.loads(zf.read_text())) if zf and zf.exists() else {}
+            pzm = mean(x for x, _ in pz.values())
+            pzs = f"{100 * pzm:.2f} ± {100 * se_of_mean(pz):.2f}" if pzm is not None else "–"
+            md.append(f"| {p['method']} | {p['ratio']:.0%} | {v:.2f} | {cpu} | {g['ppl']:.2f} | {cap['ppl'] / v:.3f} | {pzs} | {100 * g['zs_mean']:.2f} ± {100 * g['zs_se']:.2f} |")
+            out["peers"].append({"method": p["method"], "ratio": p["ratio"], "peer_ppl": v, "capllm_cpu_ppl": c, "capllm_grid_ppl": g["ppl"], "tool": p.get("tool"),
+                                 "peer_zeroshot_mean": pzm, "capllm_zeroshot_mean": g["zs_mean"]})
         md.append("")
     (grid / "summary.md").write_text("\n".join(md))
     (grid / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
