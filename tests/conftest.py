@@ -94,6 +94,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def random_calibration(vocab=128, n=4, L=32, seed=0):
+    """``n`` seeded random windows of ``L`` token ids: calibration for tiny random models."""
+    from capllm.data.calibration import CalibrationSet
+    from capllm.data.sources import TextSource
+
+    g = torch.Generator().manual_seed(seed)
+    return CalibrationSet(torch.randint(0, vocab, (n, L), generator=g), TextSource("random", "none", "", "test", 0), seed)
+
+
 def random_layer(m=48, n=64, tokens=512, seed=0, correlated=True):
     """A random weight ``(m, n)`` and inputs ``(tokens, n)``; ``correlated``: unequal scales and
     correlations between input features, like real activations."""

@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capllm.data.calibration import CalibrationSet
-from capllm.data.sources import TextSource
 from capllm.engine.context import CompressionContext
 from capllm.methods.base import get_method
-from conftest import tiny_model
+from conftest import tiny_model, random_calibration
 
 
 def _ctx(model, n=4, L=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cal = CalibrationSet(torch.randint(0, 128, (n, L), generator=g), TextSource("random", "none", "", "test", 0), seed)
-    return CompressionContext(model, cal, torch.device("cpu"), progress=False)
+    return CompressionContext(model, random_calibration(n=n, L=L, seed=seed), torch.device("cpu"), progress=False)
 
 
 FAST = {"steps": "1", "samples": "2", "policy_windows": "2", "rpca_max_iter": "60", "rpca_tol": "1e-5"}

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from capllm.data.calibration import CalibrationSet
-from capllm.data.sources import TextSource
 from capllm.engine.context import CompressionContext
 from capllm.methods.base import get_method
 from capllm.models.layers import find_decoder_blocks, find_linears
 from capllm.methods.wanda import wanda_mask
-from conftest import tiny_model
+from conftest import tiny_model, random_calibration
 
 ARCHS = ["llama", "qwen2", "gpt2", "opt"]
 
 
-def _calib(vocab=128, n=4, L=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return CalibrationSet(torch.randint(0, vocab, (n, L), generator=g), TextSource("random", "none", "", "test", 0), seed)
+_calib = random_calibration
 
 
 def _compress(model, method, ratio=0.5, structure=None):

@@ -15,15 +15,13 @@ import torch
 
 import capllm
 from capllm.cli.main import main
-from capllm.data.calibration import CalibrationSet
-from capllm.data.sources import TextSource
 from capllm.engine.context import CompressionContext
 from capllm.errors import CapllmError
 from capllm.format.bitmask import csr_from_bitmask, pack_bitmask, packed_bytes, unpack_bitmask
 from capllm.format.execution import AUTO_CSR_MAX_DENSITY, choose_layout
 from capllm.format.modules import LowRankSparseLinear
 from capllm.methods.base import CompressedWeight, get_method
-from conftest import tiny_model
+from conftest import tiny_model, random_calibration
 
 SRC = Path(capllm.__file__).resolve().parents[1]
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -118,8 +116,7 @@ def test_auto_layout_rule_and_probe():
 
 
 def _ctx(model):
-    calib = CalibrationSet(torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0)), TextSource("random", "none", "", "test", 0), 0)
-    return CompressionContext(model, calib, torch.device("cpu"), progress=False)
+    return CompressionContext(model, random_calibration(), torch.device("cpu"), progress=False)
 
 
 def _svd_factors(W, r):

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from capllm.data.calibration import CalibrationSet
-from capllm.data.sources import TextSource
 from capllm.engine.context import CompressionContext
 from capllm.errors import CapllmError
 from capllm.format.modules import LowRankSparseLinear
@@ -15,7 +13,7 @@ from capllm.methods.base import Structure, get_method, matrix_budget
 from capllm.methods.lowrank import subspace_svd, truncated_svd, whitening_factor
 from capllm.methods.masks import keep_per_row_filled, prune_lowest_per_row
 from capllm.methods.wanda import wanda_mask
-from conftest import random_layer, run_layer_compressor, tiny_model
+from conftest import random_layer, run_layer_compressor, tiny_model, random_calibration
 
 LOW_RANK_ONLY = ["svd", "asvd", "svd-llm"]
 FILLING = ["oats", "losparse", "sslc"]  # low-rank + sparse: the sparse part fills the budget exactly
@@ -312,9 +310,7 @@ def test_option_validation():
 # ---------------------------------------------------------------- through the engine
 
 
-def _calib(vocab=128, n=4, L=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return CalibrationSet(torch.randint(0, vocab, (n, L), generator=g), TextSource("random", "none", "", "test", 0), seed)
+_calib = random_calibration
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

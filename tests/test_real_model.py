@@ -45,7 +45,6 @@ def test_wanda_half_sparsity_per_row_on_the_real_model(smollm2):
     import copy
 
     from capllm.data.calibration import CalibrationSet
-    from capllm.data.sources import TextSource
     from capllm.engine.context import CompressionContext
     from capllm.methods.base import get_method
     from capllm.models.layers import find_linears
