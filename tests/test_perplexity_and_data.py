@@ -89,7 +89,8 @@ def test_local_data_dir_layout(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").exists(), reason="shared data not beside the checkout")
 def test_shared_wikitext_rows():
     src = load_text("wikitext2", "test", SHARED_DATA)
-    rows = src.text.split("\n\n")
+    rows = src.text.split("\n\n")  # the raw test file: rows joined with a blank line
+    assert len(rows) == src.documents
     assert src.documents == 4358
 
 
