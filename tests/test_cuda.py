@@ -10,11 +10,9 @@ import copy
 import pytest
 import torch
 
-from capllm.data.calibration import CalibrationSet
-from capllm.data.sources import TextSource
 from capllm.engine.context import CompressionContext
 from capllm.methods.base import REGISTRY, get_method
-from conftest import tiny_model
+from conftest import tiny_model, random_calibration
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,9 +25,7 @@ OPTIONS = {
 }
 
 
-def _calib(n=4, L=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return CalibrationSet(torch.randint(0, 128, (n, L), generator=g), TextSource("random", "none", "", "test", 0), seed)
+_calib = random_calibration
 
 
 def _compressed_logits(model, method, device, ids):
@@ -42,12 +38,14 @@ def _compressed_logits(model, method, device, ids):
 
 @pytest.mark.parametrize("method", sorted(m for m in REGISTRY if m != "dense"))
 def test_every_method_on_cuda_matches_cpu(method, tmp_path, monkeypatch):
-    monkeypatch.setenv("CAPLLM_CACHE", str(tmp_path))
     base = tiny_model("llama")
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         dense = base(ids).logits
+    # one cache per device: the CUDA run must compute its own Stage 1, not reuse the CPU's
+    monkeypatch.setenv("CAPLLM_CACHE", str(tmp_path / "cpu"))
     cpu_logits, cpu_kept = _compressed_logits(copy.deepcopy(base), method, torch.device("cpu"), ids)
+    monkeypatch.setenv("CAPLLM_CACHE", str(tmp_path / "cuda"))
     gpu_logits, gpu_kept = _compressed_logits(copy.deepcopy(base), method, CUDA, ids)
     assert torch.isfinite(gpu_logits).all()
     assert abs(gpu_kept - cpu_kept) <= 0.002 * cpu_kept, (gpu_kept, cpu_kept)
