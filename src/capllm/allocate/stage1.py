@@ -121,9 +121,7 @@ def stage1_pools(ctx, o: Stage1Options, grams: dict[str, torch.Tensor] | None) -
     scales = None
     if o.act_aware:
         scales = {k: (g.diagonal() if g.dim() == 2 else g).clamp_min(0).sqrt() for k, g in grams.items()}
-    # on a GPU, same-shape matrices run as one batched IALM; on a CPU, one matrix per thread
-    on_gpu = ctx.device.type == "cuda"
-    decompose_model(ctx.model, cfg, out, col_scales=scales, progress=ctx.progress, device=ctx.device, batch=8 if on_gpu else 1)
+    decompose_model(ctx.model, cfg, out, col_scales=scales, progress=ctx.progress, device=ctx.device)
     mats = []
     for h in ctx.linears:
         r = load_decomposition(out, h.name)

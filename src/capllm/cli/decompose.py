@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tol", type=float, default=d.tol, help=f"stop at ‖W − L − S‖_F/‖W‖_F < tol (default {d.tol:g})")
     p.add_argument("--rho", type=float, default=d.rho, help=f"μ growth per iteration (default {d.rho})")
     p.add_argument("--svd", default=d.svd, choices=SVD_MODES, help=f"SVT kernel (default {d.svd})")
-    p.add_argument("--batch", type=int, default=1, help="same-shape matrices decomposed together (default 1; larger helps on GPU)")
+    p.add_argument("--batch", type=int, default=None, help="same-shape matrices decomposed together (default 8 on a GPU, 1 on a CPU)")
     p.add_argument("--workers", type=int, default=None, help="matrices decomposed at once in threads (default: CPU threads on a CPU, 1 on a GPU)")
     p.add_argument("--act-aware", action="store_true", help="decompose W·diag(sqrt(E[x²])) from a dense calibration pass, then un-scale")
     p.add_argument("--calib", default="auto", help="calibration text for --act-aware: enwiki, c4, wikitext2, a path, or auto")
@@ -40,7 +40,7 @@ def run(a) -> int:
     from capllm.models.loader import load_model
     from capllm.utils import resolve_device
 
-    if a.batch < 1:
+    if a.batch is not None and a.batch < 1:
         raise CapllmError(f"--batch must be ≥ 1 (got {a.batch})")
     cfg = RPCAConfig(lam_scale=a.lam_scale, max_iter=a.max_iter, tol=a.tol, rho=a.rho, svd=a.svd)
     device = resolve_device(a.device)
