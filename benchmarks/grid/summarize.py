@@ -27,12 +27,24 @@ PAPER = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "rte", 
 ORDER = ("dense", "cap", "cap-uniform", "rpca-threshold", "sparsegpt", "wanda", "magnitude", "oats", "sslc", "losparse", "svd-llm", "asvd", "svd")
 
 
-def load_cells(grid: Path) -> dict[tuple[str, float | None], dict]:
-    cells = {}
-    for f in sorted((grid / "cells").glob("*/result.json")):
-        r = json.loads(f.read_text())
-        cells[(r["method"], r["ratio"] if r["method"] != "dense" else None)] = r
-    return cells
+def load_grid(grid: Path) -> dict[tuple[str, float | None], dict]:
+    """The finished cells of a `capllm bench` directory, by (method, ratio; None for dense)."""
+    from capllm.eval.bench import load_cells
+
+    return {(r["method"], r["ratio"] if r["method"] != "dense" else None): r for r in load_cells(grid)}
+
+
+def load_protocol(folder: str | None) -> list[tuple[str, dict]]:
+    """``(file stem, result)`` of every readable run_protocol.py result JSON in ``folder``."""
+    out = []
+    for f in sorted(Path(folder).glob("*.json")) if folder else []:
+        try:
+            r = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and "perplexity" in r and "method" in r:
+            out.append((f.stem, r))
+    return out
 
 
 def zs_scores(r: dict) -> dict[str, tuple[float, int]]:
@@ -64,7 +76,8 @@ def main() -> None:
     ap.add_argument("--peer-zeroshot", default=None, help="directory of `capllm eval --tasks` results of the peers' outputs, <peer tag>.json")
     a = ap.parse_args()
     grid = Path(a.grid)
-    cells = load_cells(grid)
+    cells = load_grid(grid)
+    protocol = load_protocol(a.protocol)
     ratios = sorted({k[1] for k in cells if k[1] is not None})
     rows, out = [], {"rows": [], "cap_vs": [], "device_agreement": [], "peers": []}
     for m in ORDER:
@@ -108,13 +121,7 @@ def main() -> None:
     md.append("")
     if a.protocol:
         md += ["## The same cells on the CPU (run_protocol.py) and in the grid\n", "| cell | CPU ppl | grid ppl | grid ÷ CPU | grid device |", "|---|---|---|---|---|"]
-        for f in sorted(Path(a.protocol).glob("*.json")):
-            try:
-                p = json.loads(f.read_text())
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(p, dict) or "perplexity" not in p or "method" not in p:
-                continue
+        for _, p in protocol:
             key = (p["method"], p["ratio"] if p["method"] != "dense" else None)
             g = by.get(key)
             if g is None or p.get("method_options") != g["options"]:
@@ -124,15 +131,8 @@ def main() -> None:
             out["device_agreement"].append({"cell": name, "cpu": p["perplexity"]["value"], "grid": g["ppl"]})
         md.append("")
     if a.peers:
-        cpu_rows = {}
-        if a.protocol:  # capllm's own CPU cell of the same method (the peer was scored on the CPU too)
-            for f in Path(a.protocol).glob("*.json"):
-                try:
-                    p = json.loads(f.read_text())
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(p, dict) and "perplexity" in p and f.stem == f"{p.get('method')}-{p.get('ratio'):g}":
-                    cpu_rows[(p["method"], p["ratio"])] = p["perplexity"]["value"]
+        # capllm's own default-option CPU cell of the same method (the peer was scored on the CPU too)
+        cpu_rows = {(p["method"], p["ratio"]): p["perplexity"]["value"] for stem, p in protocol if stem == f"{p['method']}-{p['ratio']:g}"}
         md += ["## llm-compressor side by side\n",
                "| method | ratio | llm-compressor ppl (CPU) | capllm ppl, CPU | capllm ÷ llm-compressor (CPU) | capllm ppl, grid | capllm cap (grid) ÷ llm-compressor "
                "| llm-compressor zero-shot mean (8) | capllm zero-shot mean (grid) |",
