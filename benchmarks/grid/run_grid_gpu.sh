@@ -2,7 +2,7 @@
 # The SmolLM2-135M grid of BENCHMARKS.md "The grid": every registered method × 30/40/50 %,
 # perplexity (WikiText-2 test, 64 × 512) + zero-shot (9 tasks, 500 seeded docs each) + the
 # long-form generation check, on one GPU. Six `capllm bench` groups run side by side (the
-# model is small: the GPU is shared, ~45 GB at peak), ratio 0.5 first in each group; the CAP
+# model is small: the GPU is shared; nvidia-smi read 44.7 and 49.5 GB used mid-run), ratio 0.5 first in each group; the CAP
 # variants that share CAP's Stage-1 cache wait for CAP's 0.5 cell to have written it.
 #
 #   bash benchmarks/grid/run_grid_gpu.sh OUT DATA_DIR        # e.g. OUT=/tmp/grid DATA_DIR=../shared/data
