@@ -111,6 +111,43 @@ def test_batched_equals_unbatched():
         assert [h["residual"] for h in b.history] == pytest.approx([h["residual"] for h in one.history], rel=1e-6)
 
 
+def test_cpu_gram_and_eigh_kernels_match_a_direct_computation():
+    """The CPU SVT kernels go through NumPy (syrk, syevd); check them against torch directly."""
+    from capllm.decompose.svt import eigh, gram, spectrum_gram
+
+    X = torch.randn(2, 70, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    X[1] *= 1e3  # scale does not matter
+    G = gram(X.float())
+    direct = X.float().double().mT @ X.float().double()
+    assert G.dtype == torch.float64 and G.shape == (2, 40, 40)
+    assert torch.equal(G, G.mT)  # exactly symmetric
+    assert torch.allclose(G, direct, rtol=1e-12, atol=1e-9)
+    w, V = eigh(G)
+    w_ref = torch.linalg.eigvalsh(direct)
+    assert torch.allclose(w, w_ref, rtol=1e-10, atol=1e-8 * float(w_ref.abs().max()))
+    assert torch.allclose(V @ torch.diag_embed(w) @ V.mT, G, rtol=0, atol=1e-10 * float(G.abs().max()))
+    spec = spectrum_gram(X)
+    assert torch.allclose(spec.sigma, torch.linalg.svdvals(X), rtol=1e-9, atol=1e-9 * float(spec.sigma.max()))
+
+
+def test_worker_threads_limit_numpy_blas_like_torch(monkeypatch):
+    """map_in_threads gives NumPy's BLAS the per-worker thread count (no oversubscription)."""
+    from threadpoolctl import threadpool_info
+
+    from capllm.decompose.rpca import map_in_threads
+
+    def blas_threads(_):
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "openblas" in i["internal_api"]}, torch.get_num_threads()
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        seen = [r for _, r in map_in_threads(blas_threads, [0, 1, 2, 3], workers=4)]
+    finally:
+        torch.set_num_threads(old)
+    assert all(blas == {1} and t == 1 for blas, t in seen)
+
+
 def test_activation_aware_unscaling_is_exact():
     g = torch.Generator().manual_seed(1)
     W = weight_like(80, 64, seed=2)

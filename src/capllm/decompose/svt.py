@@ -16,6 +16,7 @@ so no left factor is needed inside the loop (:func:`apply_svt`).
   error of ``ε₆₄‖X‖₂²`` moves a singular value ``σ`` by ``ε₆₄‖X‖₂²/(2σ)``, below ``1e-10‖X‖₂``
   even for ``σ`` at the final thresholds (~``1e-6‖X‖₂``). float32 is *not* safe here: measured on
   SmolLM2 weights it changes the final ``L``/``S`` by 1e-6…5e-4 and densifies ``S``.
+  On a CPU the Gram and the eigendecomposition go through NumPy (:func:`gram`, :func:`eigh`).
 * :func:`spectrum_partial` — only the leading ``k`` eigenpairs of ``G``, by a randomized block
   Krylov subspace (warm-started with the previous iteration's vectors) and Rayleigh–Ritz. It is
   accepted only when (a) its smallest Ritz value is ``≤ τ²`` — so every singular value above the
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 
 @dataclass
@@ -47,16 +50,48 @@ def spectrum_svd(X: torch.Tensor) -> Spectrum:
 
 
 def gram(X: torch.Tensor) -> torch.Tensor:
-    """``XᵀX`` in float64, symmetrised (the matmul is not exactly symmetric)."""
-    X64 = X.to(torch.float64)
+    """``XᵀX`` in float64, exactly symmetric.
+
+    On a CPU the product goes through NumPy, whose ``a.T @ a`` is a BLAS ``syrk`` (half the
+    flops of the general product torch uses: 12 vs 23 ms for 1536×576 on one core) and releases
+    the GIL, so worker threads still run side by side.
+    """
+    X64 = X.detach().to(torch.float64)
+    if X64.device.type == "cpu":
+        A = X64.numpy()
+        return torch.from_numpy(np.stack([_syrk(a) for a in A.reshape(-1, *A.shape[-2:])]).reshape(*A.shape[:-2], A.shape[-1], A.shape[-1]))
     G = X64.mT @ X64
     return 0.5 * (G + G.mT)
+
+
+def blas_threads(n: int):
+    """Context limiting NumPy's BLAS/LAPACK (used by :func:`gram` and :func:`eigh` on a CPU) to
+    ``n`` threads — the same count torch's intra-op pool has, so worker threads do not
+    oversubscribe the cores. The setting is process-wide: set it once, outside the workers."""
+    return threadpool_limits(limits=max(1, int(n)), user_api="blas")
+
+
+def _syrk(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.T @ a  # NumPy detects the transposed self-product and calls syrk (symmetric result)
+
+
+def eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and vectors of a symmetric float64 stack.
+
+    On a CPU through NumPy's LAPACK ``syevd`` (41 ms vs 51 ms for torch's at n = 576 on one core,
+    same algorithm; the GIL is released); elsewhere ``torch.linalg.eigh``.
+    """
+    if G.device.type == "cpu":
+        w, v = np.linalg.eigh(G.detach().numpy())
+        return torch.from_numpy(w), torch.from_numpy(v)
+    return torch.linalg.eigh(G)
 
 
 def spectrum_gram(X: torch.Tensor, G: torch.Tensor | None = None) -> Spectrum:
     """All singular values and right vectors of tall ``X`` from ``eigh(XᵀX)`` in float64."""
     G = gram(X) if G is None else G
-    evals, evecs = torch.linalg.eigh(G)
+    evals, evecs = eigh(G)
     sigma = evals.flip(-1).clamp_min(0).sqrt()
     return Spectrum(sigma, evecs.flip(-1), "gram")
 
