@@ -64,6 +64,7 @@ def test_compress_end_to_end_on_a_tiny_model(tiny_model_dir, text_file, tmp_path
         "--eval-seqlen", "64", "--max-windows", "4", "--device", "cpu", "--out", str(out), "--quiet",
     ], capsys)
     assert rc == 0, err
+    assert "Loading weights" not in err and "it/s]" not in err  # --quiet: no bars, transformers' own included
     res = json.loads((out / "result.json").read_text())
     for key in ("capllm_version", "method", "ratio", "structure", "model", "params", "calibration", "perplexity", "time_s", "peak_rss_mb", "device", "layers"):
         assert key in res

@@ -41,6 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd is None:
         ap.print_help()
         return 2
+    if getattr(a, "quiet", False):  # also the libraries' own bars (transformers' "Loading weights")
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            try:
+                return _run(a)
+            finally:
+                hf_logging.enable_progress_bar()
+    return _run(a)
+
+
+def _run(a: argparse.Namespace) -> int:
+    """Run one parsed subcommand; a CapllmError or running out of memory becomes one line and an exit code."""
     try:
         return _module(a.cmd).run(a)
     except CapllmError as exc:
