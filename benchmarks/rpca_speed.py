@@ -30,6 +30,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from tqdm import tqdm
+
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -149,12 +151,58 @@ def part_model(a) -> None:
     pool = sum(m["rank"] * (m["shape"][0] + m["shape"][1]) + m["nnz"] for m in mats.values())
     out = {"machine": machine(), "workers": a.workers, "batch": a.batch, "wall_s": round(wall, 1), "matrices": len(mats), "converged": sum(m["converged"] for m in mats.values()),
            "cache_dir": str(out_dir), "candidate_pool_over_dense": round(pool / dense, 4), "roles": roles, "per_matrix": mats}
+    out["reference"] = [whole_model_reference(model, out_dir, mode, a) for mode in a.reference]
     write("model" if a.device == "cpu" else f"model-{a.device.replace(':', '')}-b{a.batch}", out)
     print(f"whole SmolLM2-135M Stage 1: {wall:.0f} s wall, {out['converged']}/{len(mats)} converged, candidate pool {pool / dense:.2f}× dense")
+    for r in out["reference"]:
+        print(f"reference ({r['mode']}): {r['wall_s']:.0f} s wall = {r['wall_s'] / wall:.2f}× ours; {r['converged']}/{r['matrices']} converged, "
+              f"same iterations on {r['same_iterations']}, same rank on {r['same_rank']}, same nnz(S) on {r['same_nnz']}; max ‖ΔL‖/‖W‖ {r['max_dL']:.1e}, ‖ΔS‖/‖W‖ {r['max_dS']:.1e}")
     print("| role | shape | iterations | rank(L) / full | nnz(S) / mn | ‖S‖/‖W‖ | max residual | median s per matrix |\n|---|---|---|---|---|---|---|---|")
     for r in roles:
         print(f"| {r['role']} | {r['shape'][0]}×{r['shape'][1]} | {r['iterations'][0]}–{r['iterations'][1]} | {r['rank_fraction'][0]:.0%}–{r['rank_fraction'][1]:.0%} | "
               f"{r['nnz_fraction'][0]:.0%}–{r['nnz_fraction'][1]:.0%} | {r['S_energy'][0]:.2f}–{r['S_energy'][1]:.2f} | {r['max_residual']:.1e} | {r['median_s']:.2f} |")
+
+
+def whole_model_reference(model, cache: Path, mode: str, a) -> dict:
+    """The plain reference IALM over every decoder linear, timed, and checked against our cache.
+
+    ``mode="workers"``: matrices spread over as many worker threads as ours used, one intra-op
+    thread each (ours' parallel layout given to the reference: the like-for-like comparison).
+    ``mode="loop"``: one matrix after another on ``--threads`` intra-op threads (how a plain IALM
+    script runs). Agreement is measured after timing, so it does not count.
+    """
+    from capllm.decompose import iter_decompositions
+    from capllm.decompose.cache import _default_workers
+    from capllm.decompose.reference import rpca_reference
+    from capllm.decompose.rpca import map_in_threads
+    from capllm.models.layers import find_linears
+
+    handles = find_linears(model)
+    workers = (a.workers or _default_workers(torch.device(a.device))) if mode == "workers" else 1
+
+    def one(h):
+        t = time.perf_counter()
+        r = rpca_reference(h.weight_copy().to(a.device), max_iter=a.max_iter)
+        sync()
+        return {"L": r["L"].float().cpu(), "S": r["S"].float().cpu(), "iterations": r["iterations"], "rank": r["ranks"][-1], "converged": r["converged"], "seconds": time.perf_counter() - t}
+
+    t = time.perf_counter()
+    refs = {}
+    for i, r in tqdm(map_in_threads(one, handles, workers), total=len(handles), desc=f"reference IALM ({mode})", unit="matrix"):
+        refs[handles[i].name] = r
+    wall = time.perf_counter() - t
+    same_it = same_rank = same_nnz = 0
+    dL = dS = 0.0
+    for name, ours in iter_decompositions(cache):
+        ref, W = refs[name], {h.name: h for h in handles}[name].weight_copy()
+        same_it += ours.iterations == ref["iterations"]
+        same_rank += ours.rank == ref["rank"]
+        same_nnz += ours.nnz == int(torch.count_nonzero(ref["S"]))
+        dL = max(dL, float((ours.L() - ref["L"]).norm() / W.norm()))
+        dS = max(dS, float((ours.S - ref["S"]).norm() / W.norm()))
+    return {"mode": mode, "workers": workers, "intra_op_threads": a.threads // workers if mode == "workers" else a.threads, "wall_s": round(wall, 1),
+            "matrices": len(refs), "converged": sum(r["converged"] for r in refs.values()), "sum_s": round(sum(r["seconds"] for r in refs.values()), 1),
+            "same_iterations": same_it, "same_rank": same_rank, "same_nnz": same_nnz, "max_dL": dL, "max_dS": dS}
 
 
 def part_fig2(a) -> None:
@@ -249,6 +297,8 @@ def main() -> None:
     m.add_argument("--max-iter", type=int, default=100)
     m.add_argument("--out", default=None, help="cache directory (default: a new temporary one)")
     m.add_argument("--batch", type=int, default=1, help="same-shape matrices per batched IALM (pays on a GPU)")
+    m.add_argument("--reference", nargs="*", default=[], choices=["workers", "loop"],
+                   help="then the plain reference IALM over the whole model, in the same process: with ours' worker threads, and/or as a plain loop")
     f = sub.add_parser("fig2")
     f.add_argument("--iters", nargs="+", default=["1", "3", "10", "converged", "100"])
     f.add_argument("--cache", default=None, help="a finished `model` cache for the converged row")
