@@ -59,7 +59,9 @@ def gram(X: torch.Tensor) -> torch.Tensor:
     X64 = X.detach().to(torch.float64)
     if X64.device.type == "cpu":
         A = X64.numpy()
-        return torch.from_numpy(np.stack([_syrk(a) for a in A.reshape(-1, *A.shape[-2:])]).reshape(*A.shape[:-2], A.shape[-1], A.shape[-1]))
+        n = A.shape[-1]
+        G = np.stack([_syrk(a) for a in A.reshape(-1, *A.shape[-2:])])
+        return torch.from_numpy(G.reshape(*A.shape[:-2], n, n))
     G = X64.mT @ X64
     return 0.5 * (G + G.mT)
 
@@ -67,7 +69,8 @@ def gram(X: torch.Tensor) -> torch.Tensor:
 def blas_threads(n: int):
     """Context limiting NumPy's BLAS/LAPACK (used by :func:`gram` and :func:`eigh` on a CPU) to
     ``n`` threads — the same count torch's intra-op pool has, so worker threads do not
-    oversubscribe the cores. The setting is process-wide: set it once, outside the workers."""
+    oversubscribe the cores. The setting is process-wide: the worker pool sets it before its
+    threads start; a worker setting the same count again (on entry and exit) changes nothing."""
     return threadpool_limits(limits=max(1, int(n)), user_api="blas")
 
 
