@@ -111,23 +111,31 @@ def test_batched_equals_unbatched():
         assert [h["residual"] for h in b.history] == pytest.approx([h["residual"] for h in one.history], rel=1e-6)
 
 
-def test_cpu_gram_and_eigh_kernels_match_a_direct_computation():
-    """The CPU SVT kernels go through NumPy (syrk, syevd); check them against torch directly."""
-    from capllm.decompose.svt import eigh, gram, spectrum_gram
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_gram_and_eigh_kernels_match_a_direct_computation(threads):
+    """On one intra-op thread the CPU SVT kernels go through NumPy (syrk, syevd), on more through
+    torch; check both against a direct computation."""
+    from capllm.decompose.svt import _numpy_kernels, eigh, gram, spectrum_gram
 
-    X = torch.randn(2, 70, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    X[1] *= 1e3  # scale does not matter
-    G = gram(X.float())
-    direct = X.float().double().mT @ X.float().double()
-    assert G.dtype == torch.float64 and G.shape == (2, 40, 40)
-    assert torch.equal(G, G.mT)  # exactly symmetric
-    assert torch.allclose(G, direct, rtol=1e-12, atol=1e-9)
-    w, V = eigh(G)
-    w_ref = torch.linalg.eigvalsh(direct)
-    assert torch.allclose(w, w_ref, rtol=1e-10, atol=1e-8 * float(w_ref.abs().max()))
-    assert torch.allclose(V @ torch.diag_embed(w) @ V.mT, G, rtol=0, atol=1e-10 * float(G.abs().max()))
-    spec = spectrum_gram(X)
-    assert torch.allclose(spec.sigma, torch.linalg.svdvals(X), rtol=1e-9, atol=1e-9 * float(spec.sigma.max()))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        X = torch.randn(2, 70, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        X[1] *= 1e3  # scale does not matter
+        assert _numpy_kernels(X) == (threads == 1)
+        G = gram(X.float())
+        direct = X.float().double().mT @ X.float().double()
+        assert G.dtype == torch.float64 and G.shape == (2, 40, 40)
+        assert torch.equal(G, G.mT)  # exactly symmetric
+        assert torch.allclose(G, direct, rtol=1e-12, atol=1e-9)
+        w, V = eigh(G)
+        w_ref = torch.linalg.eigvalsh(direct)
+        assert torch.allclose(w, w_ref, rtol=1e-10, atol=1e-8 * float(w_ref.abs().max()))
+        assert torch.allclose(V @ torch.diag_embed(w) @ V.mT, G, rtol=0, atol=1e-10 * float(G.abs().max()))
+        spec = spectrum_gram(X)
+        assert torch.allclose(spec.sigma, torch.linalg.svdvals(X), rtol=1e-9, atol=1e-9 * float(spec.sigma.max()))
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_worker_threads_limit_numpy_blas_like_torch(monkeypatch):

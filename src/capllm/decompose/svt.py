@@ -16,7 +16,8 @@ so no left factor is needed inside the loop (:func:`apply_svt`).
   error of ``ε₆₄‖X‖₂²`` moves a singular value ``σ`` by ``ε₆₄‖X‖₂²/(2σ)``, below ``1e-10‖X‖₂``
   even for ``σ`` at the final thresholds (~``1e-6‖X‖₂``). float32 is *not* safe here: measured on
   SmolLM2 weights it changes the final ``L``/``S`` by 1e-6…5e-4 and densifies ``S``.
-  On a CPU the Gram and the eigendecomposition go through NumPy (:func:`gram`, :func:`eigh`).
+  On a CPU thread with one intra-op thread (how the model-level workers run) the Gram and the
+  eigendecomposition go through NumPy (:func:`gram`, :func:`eigh`); otherwise through torch.
 * :func:`spectrum_partial` — only the leading ``k`` eigenpairs of ``G``, by a randomized block
   Krylov subspace (warm-started with the previous iteration's vectors) and Rayleigh–Ritz. It is
   accepted only when (a) its smallest Ritz value is ``≤ τ²`` — so every singular value above the
@@ -52,18 +53,30 @@ def spectrum_svd(X: torch.Tensor) -> Spectrum:
 def gram(X: torch.Tensor) -> torch.Tensor:
     """``XᵀX`` in float64, exactly symmetric.
 
-    On a CPU the product goes through NumPy, whose ``a.T @ a`` is a BLAS ``syrk`` (half the
-    flops of the general product torch uses: 12 vs 23 ms for 1536×576 on one core) and releases
-    the GIL, so worker threads still run side by side.
+    On one CPU thread (:func:`_numpy_kernels`) the product goes through NumPy, whose ``a.T @ a``
+    is a BLAS ``syrk`` (half the flops of the general product torch uses: 12 vs 23 ms for
+    1536×576 on one core) and releases the GIL, so worker threads still run side by side.
     """
     X64 = X.detach().to(torch.float64)
-    if X64.device.type == "cpu":
+    if _numpy_kernels(X64):
         A = X64.numpy()
         n = A.shape[-1]
         G = np.stack([_syrk(a) for a in A.reshape(-1, *A.shape[-2:])])
         return torch.from_numpy(G.reshape(*A.shape[:-2], n, n))
     G = X64.mT @ X64
     return 0.5 * (G + G.mT)
+
+
+def _numpy_kernels(t: torch.Tensor) -> bool:
+    """NumPy's kernels for a CPU tensor when torch runs this thread on one intra-op thread (a
+    worker of :func:`capllm.decompose.rpca.map_in_threads`, or ``torch.set_num_threads(1)``).
+
+    With more threads, alternating between torch's OpenMP pool and OpenBLAS's own threads makes
+    each spin on the cores the other needs: measured on 2 cores, one IALM iteration of a 1536×576
+    matrix took 126 ms that way against 68 ms with torch's kernels alone (and 97 ms with NumPy's
+    on one thread, 117 ms with torch's on one thread).
+    """
+    return t.device.type == "cpu" and torch.get_num_threads() == 1
 
 
 def blas_threads(n: int):
@@ -82,10 +95,10 @@ def _syrk(a: np.ndarray) -> np.ndarray:
 def eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and vectors of a symmetric float64 stack.
 
-    On a CPU through NumPy's LAPACK ``syevd`` (41 ms vs 51 ms for torch's at n = 576 on one core,
-    same algorithm; the GIL is released); elsewhere ``torch.linalg.eigh``.
+    On one CPU thread (:func:`_numpy_kernels`) through NumPy's LAPACK ``syevd`` (41 ms vs 51 ms
+    for torch's at n = 576, same algorithm; the GIL is released); elsewhere ``torch.linalg.eigh``.
     """
-    if G.device.type == "cpu":
+    if _numpy_kernels(G):
         w, v = np.linalg.eigh(G.detach().numpy())
         return torch.from_numpy(w), torch.from_numpy(v)
     return torch.linalg.eigh(G)
