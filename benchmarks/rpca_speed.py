@@ -30,9 +30,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from tqdm import tqdm
-
 import torch
+from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "rpca"
@@ -172,13 +171,13 @@ def whole_model_reference(model, cache: Path, mode: str, a) -> dict:
     script runs). Agreement is measured after timing, so it does not count.
     """
     from capllm.decompose import iter_decompositions
-    from capllm.decompose.cache import _default_workers
     from capllm.decompose.reference import rpca_reference
     from capllm.decompose.rpca import map_in_threads
     from capllm.models.layers import find_linears
 
     handles = find_linears(model)
-    workers = (a.workers or _default_workers(torch.device(a.device))) if mode == "workers" else 1
+    by_name = {h.name: h for h in handles}
+    workers = (a.workers or (torch.get_num_threads() if a.device == "cpu" else 1)) if mode == "workers" else 1  # as decompose_model
 
     def one(h):
         t = time.perf_counter()
@@ -194,7 +193,7 @@ def whole_model_reference(model, cache: Path, mode: str, a) -> dict:
     same_it = same_rank = same_nnz = 0
     dL = dS = 0.0
     for name, ours in iter_decompositions(cache):
-        ref, W = refs[name], {h.name: h for h in handles}[name].weight_copy()
+        ref, W = refs[name], by_name[name].weight_copy()
         same_it += ours.iterations == ref["iterations"]
         same_rank += ours.rank == ref["rank"]
         same_nnz += ours.nnz == int(torch.count_nonzero(ref["S"]))
