@@ -282,6 +282,78 @@ def part_schedule(a) -> None:
               f"{statistics.median(r['nnz_fraction'] for r in rs):.0%} | {statistics.median(r['dL_vs_default'] for r in rs):.1e} |")
 
 
+def part_kernels(a) -> None:
+    """One IALM iteration taken apart: where the time goes, for the reference and for ours.
+
+    Per shape (tall orientation) and SVT backend: the Gram, the eigendecomposition, the product
+    that forms ``L`` (rank ``0.68 n``, as on SmolLM2 weights), the elementwise rest of the
+    iteration, and the reference's ``gesdd``. ``--backend auto`` is what the library picks
+    (NumPy on one intra-op thread, torch otherwise); ``numpy`` / ``torch`` force one.
+    """
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from capllm.decompose import svt
+
+    torch.set_num_threads(a.threads)
+    picked = svt._numpy_kernels
+    rows = []
+    with threadpool_limits(a.threads, user_api="blas"):
+        for m, n in ((576, 576), (1536, 576), (576, 192)):
+            g = torch.Generator().manual_seed(0)
+            W, Y, S, X = (torch.randn(1, m, n, dtype=torch.float64, generator=g) for _ in range(4))
+            for backend in a.backend:
+                svt._numpy_kernels = picked if backend == "auto" else (lambda t, b=backend: b == "numpy" and t.device.type == "cpu")
+                try:
+                    G = svt.gram(X)
+                    spec = svt.spectrum_gram(X, G)
+                    tau = spec.sigma[:, int(0.68 * n)]
+
+                    def rest():
+                        inv_mu = torch.tensor(0.5, dtype=torch.float64)
+                        A = torch.addcmul(W, Y, inv_mu)
+                        A - S  # X of the next SVT
+                        T = A.sub_(X)
+                        C = torch.clamp(T, -0.01, 0.01)
+                        S2 = T.sub_(C)
+                        Z = torch.addcmul(C, Y, inv_mu, value=-1)
+                        torch.linalg.vector_norm(Z, dim=(-2, -1)), C.mul_(2.0), torch.count_nonzero(S2, dim=(-2, -1))
+
+                    ms = {"gram": timed(lambda: svt.gram(X), a.repeat), "eigh": timed(lambda: svt.eigh(G), a.repeat),
+                          "eigvalsh_only": timed(lambda: np.linalg.eigvalsh(G.numpy()) if svt._numpy_kernels(G) else torch.linalg.eigvalsh(G), a.repeat),
+                          "product": timed(lambda: svt.apply_svt(X, spec, tau), a.repeat), "elementwise": timed(rest, a.repeat)}
+
+                    def iteration():  # the four in sequence, as the IALM runs them (thread pools alternate)
+                        spec_ = svt.spectrum_gram(X, svt.gram(X))
+                        svt.apply_svt(X, spec_, tau)
+                        rest()
+
+                    ms["iteration_in_sequence"] = timed(iteration, a.repeat)
+                finally:
+                    svt._numpy_kernels = picked
+                ms["sum_of_parts"] = ms["gram"] + ms["eigh"] + ms["product"] + ms["elementwise"]
+                ms["reference_gesdd"] = timed(lambda: torch.linalg.svd(X[0], full_matrices=False), a.repeat)
+                rows.append({"shape": f"{m}x{n}", "backend": backend, "ms": {k: round(v, 1) for k, v in ms.items()}})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    write(f"kernels-t{a.threads}", {"machine": machine(), "threads": a.threads, "repeat": a.repeat, "rank_fraction": 0.68, "rows": rows})
+    print("| shape | backend | Gram | eigh | (eigenvalues only) | product | elementwise | sum of parts | ours, one iteration in sequence | reference gesdd |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["ms"]
+        print(f"| {r['shape']} | {r['backend']} | {t['gram']} | {t['eigh']} | {t['eigvalsh_only']} | {t['product']} | {t['elementwise']} | {t['sum_of_parts']} | "
+              f"{t['iteration_in_sequence']} | {t['reference_gesdd']} |")
+
+
+def timed(fn, repeat: int) -> float:
+    """Median wall milliseconds of ``repeat`` calls after one warm-up."""
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="part", required=True)
@@ -311,13 +383,17 @@ def main() -> None:
     c.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
     c.add_argument("--rhos", type=float, nargs="+", default=[1.5, 1.2, 2.0, 3.0])
     c.add_argument("--threads", type=int, default=1)
-    for p in (s, m, f, c):
+    k = sub.add_parser("kernels")
+    k.add_argument("--threads", type=int, default=1)
+    k.add_argument("--repeat", type=int, default=9)
+    k.add_argument("--backend", nargs="+", default=["auto", "numpy", "torch"], choices=["auto", "numpy", "torch"])
+    for p in (s, m, f, c, k):
         p.add_argument("--model", default=MODEL)
         p.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
         p.add_argument("--device", default="cpu", help="cpu or cuda (speed, model: both solvers run there)")
     global ARGS
     a = ARGS = ap.parse_args()
-    {"speed": part_speed, "model": part_model, "fig2": part_fig2, "schedule": part_schedule}[a.part](a)
+    {"speed": part_speed, "model": part_model, "fig2": part_fig2, "schedule": part_schedule, "kernels": part_kernels}[a.part](a)
 
 
 if __name__ == "__main__":

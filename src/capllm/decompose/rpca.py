@@ -28,7 +28,7 @@ reference :func:`capllm.decompose.reference.rpca_reference`):
   (:func:`capllm.decompose.svt.spectrum_gram`) — no bidiagonalisation, mostly BLAS-3. On a CPU
   thread with one intra-op thread (the workers' layout) the Gram is a BLAS ``syrk`` and the
   ``eigh`` LAPACK ``syevd``, both through NumPy (half the Gram flops, and NumPy's ``syevd`` is
-  ~20 % faster than torch's call of it); with more threads, and on a GPU, torch's own.
+  ~15 % faster than torch's call of it); with more threads, and on a GPU, torch's own.
 * ``svd="partial"`` / ``"auto"`` (default): the rank predictor of Lin et al. (PROPACK style) —
   start with ``sv = min(10, n)``; after each step with ``svp`` values above ``1/μ``:
   ``sv = svp + 1`` if ``svp < sv`` else ``svp + round(0.05 n)``. The step first tries only the

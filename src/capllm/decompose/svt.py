@@ -54,7 +54,7 @@ def gram(X: torch.Tensor) -> torch.Tensor:
     """``XᵀX`` in float64, exactly symmetric.
 
     On one CPU thread (:func:`_numpy_kernels`) the product goes through NumPy, whose ``a.T @ a``
-    is a BLAS ``syrk`` (half the flops of the general product torch uses: 12 vs 23 ms for
+    is a BLAS ``syrk`` (half the flops of the general product torch uses: 13 vs 23 ms for
     1536×576 on one core) and releases the GIL, so worker threads still run side by side.
     """
     X64 = X.detach().to(torch.float64)
@@ -73,8 +73,8 @@ def _numpy_kernels(t: torch.Tensor) -> bool:
 
     With more threads, alternating between torch's OpenMP pool and OpenBLAS's own threads makes
     each spin on the cores the other needs: measured on 2 cores, one IALM iteration of a 1536×576
-    matrix took 126 ms that way against 68 ms with torch's kernels alone (and 97 ms with NumPy's
-    on one thread, 117 ms with torch's on one thread).
+    matrix took 111 ms that way against 74 ms with torch's kernels alone
+    (``benchmarks/rpca_speed.py kernels --threads 2``).
     """
     return t.device.type == "cpu" and torch.get_num_threads() == 1
 
@@ -95,7 +95,7 @@ def _syrk(a: np.ndarray) -> np.ndarray:
 def eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and vectors of a symmetric float64 stack.
 
-    On one CPU thread (:func:`_numpy_kernels`) through NumPy's LAPACK ``syevd`` (41 ms vs 51 ms
+    On one CPU thread (:func:`_numpy_kernels`) through NumPy's LAPACK ``syevd`` (42 ms vs 50 ms
     for torch's at n = 576, same algorithm; the GIL is released); elsewhere ``torch.linalg.eigh``.
     """
     if _numpy_kernels(G):
