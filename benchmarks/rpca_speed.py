@@ -335,12 +335,42 @@ def part_kernels(a) -> None:
                 ms["reference_gesdd"] = timed(lambda: torch.linalg.svd(X[0], full_matrices=False), a.repeat)
                 rows.append({"shape": f"{m}x{n}", "backend": backend, "ms": {k: round(v, 1) for k, v in ms.items()}})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    write(f"kernels-t{a.threads}", {"machine": machine(), "threads": a.threads, "repeat": a.repeat, "rank_fraction": 0.68, "rows": rows})
+    workers = side_by_side_eigh(a.repeat) if a.threads == 1 else None
+    write(f"kernels-t{a.threads}", {"machine": machine(), "threads": a.threads, "repeat": a.repeat, "rank_fraction": 0.68, "rows": rows,
+                                    "two_workers_eigh": workers})
     print("| shape | backend | Gram | eigh | (eigenvalues only) | product | elementwise | sum of parts | ours, one iteration in sequence | reference gesdd |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["ms"]
         print(f"| {r['shape']} | {r['backend']} | {t['gram']} | {t['eigh']} | {t['eigvalsh_only']} | {t['product']} | {t['elementwise']} | {t['sum_of_parts']} | "
               f"{t['iteration_in_sequence']} | {t['reference_gesdd']} |")
+
+
+def side_by_side_eigh(repeat: int) -> dict:
+    """Whether an ``eigh`` lets a second worker thread run (the GIL released): the wall time of
+    ``repeat`` eighs (n = 576, one BLAS thread) in each of two threads, over that of ``repeat`` in
+    one — 1.0 = fully side by side, 2.0 = one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    G = torch.randn(1536, 576, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    G = G.mT @ G
+    kernels = {"numpy": lambda: np.linalg.eigh(G.numpy()), "torch": lambda: torch.linalg.eigh(G)}
+    try:
+        import scipy.linalg
+
+        kernels["scipy"] = lambda: scipy.linalg.eigh(G.numpy())
+    except ImportError:
+        pass
+    out = {}
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for name, fn in kernels.items():
+            one = timed(lambda: list(pool.map(lambda _: [fn() for _ in range(repeat)], range(1))), 1)
+            two = timed(lambda: list(pool.map(lambda _: [fn() for _ in range(repeat)], range(2))), 1)
+            out[name] = round(two / one, 2)
+    print(f"two workers × {repeat} eigh, wall over one worker's (1.0 = side by side, 2.0 = serialised): {out}")
+    return out
 
 
 def timed(fn, repeat: int) -> float:
