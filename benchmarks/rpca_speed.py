@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -151,6 +152,7 @@ def part_model(a) -> None:
     out = {"machine": machine(), "workers": a.workers, "batch": a.batch, "wall_s": round(wall, 1), "matrices": len(mats), "converged": sum(m["converged"] for m in mats.values()),
            "cache_dir": str(out_dir), "candidate_pool_over_dense": round(pool / dense, 4), "roles": roles, "per_matrix": mats}
     out["reference"] = [whole_model_reference(model, out_dir, mode, a) for mode in a.reference]
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
     write("model" if a.device == "cpu" else f"model-{a.device.replace(':', '')}-b{a.batch}", out)
     print(f"whole SmolLM2-135M Stage 1: {wall:.0f} s wall, {out['converged']}/{len(mats)} converged, candidate pool {pool / dense:.2f}× dense")
     for r in out["reference"]:
