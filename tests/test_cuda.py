@@ -12,7 +12,7 @@ import torch
 
 from capllm.engine.context import CompressionContext
 from capllm.methods.base import REGISTRY, get_method
-from conftest import tiny_model, random_calibration
+from conftest import random_calibration, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,11 +25,8 @@ OPTIONS = {
 }
 
 
-_calib = random_calibration
-
-
 def _compressed_logits(model, method, device, ids):
-    ctx = CompressionContext(model, _calib(), device, progress=False)
+    ctx = CompressionContext(model, random_calibration(), device, progress=False)
     get_method(method)(0.5, None, dict(OPTIONS.get(method, {}))).compress_model(ctx)
     kept = sum(r.kept_params for r in ctx.records.values())
     with torch.no_grad():
