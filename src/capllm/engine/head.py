@@ -1,0 +1,117 @@
+"""The model's head: logits and next-token loss from the output of the LAST decoder block.
+
+Whatever a model does after its decoder stack — a final norm (LLaMA ``norm``, GPT-2 ``ln_f``,
+OPT ``final_layer_norm``, GPT-NeoX ``final_layer_norm``), a projection (OPT ``project_out``),
+the LM head (``lm_head`` / ``embed_out``), Gemma's final logit soft-capping
+``logits = c·tanh(logits / c)`` — is done by the model's own ``forward``. :class:`Head` runs that
+forward with the decoder ModuleList temporarily swapped for a ModuleList of the same length of
+*passthrough* modules: every one returns its hidden-state input unchanged, except the last,
+which returns the injected final hidden state ``h_L``. Everything before the stack (embeddings,
+rotary tables, masks) runs too but its result is discarded, so the logits are exactly
+``head(h_L)`` as the full model computes them, for any architecture, and the graph starts at
+``h_L`` (gradients ``∂ℓ/∂h_L`` come from plain autograd).
+
+Only the non-block parts of the model must be on ``device`` (:func:`place_outside_blocks`).
+The summed next-token cross-entropy of one window ``ids`` (length ``L``) is
+
+    ℓ(h_L) = Σ_{t=0}^{L-2} −log softmax(logits_t)[ids_{t+1}].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capllm.errors import CapllmError
+from capllm.models.layers import find_decoder_blocks
+
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+class _Passthrough(nn.Module):
+    """Stands in for one decoder block: returns its input (or the injected state), as ``kind``."""
+
+    def __init__(self, like: nn.Module):
+        super().__init__()
+        for k, v in vars(like).items():  # attributes the model may read (attention_type, layer_idx, ...)
+            if not k.startswith("_") and k != "training" and isinstance(v, _SIMPLE):
+                setattr(self, k, v)
+        self.inject: torch.Tensor | None = None
+        self.as_tuple = False
+
+    def forward(self, *args, **kwargs):
+        h = self.inject if self.inject is not None else (args[0] if args else kwargs["hidden_states"])
+        return (h,) if self.as_tuple else h
+
+
+class Head:
+    """Logits and summed next-token loss from final hidden states ``(1, L, d)`` of one window.
+
+    ``tuple_output``: whether real blocks return a tuple ``(hidden, ...)`` instead of a tensor
+    (``None``: detected on the first call from the shape of the logits).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", blocks_path: str | None = None, tuple_output: bool | None = None):
+        if blocks_path is None:
+            blocks_path, blocks = find_decoder_blocks(model)
+        else:
+            blocks = model.get_submodule(blocks_path)
+        self.model, self.device = model, torch.device(device)
+        parent_name, _, self._child = blocks_path.rpartition(".")
+        self._parent = model.get_submodule(parent_name) if parent_name else model
+        self._stand_ins = nn.ModuleList(_Passthrough(b) for b in blocks)
+        self.tuple_output = tuple_output
+
+    def _run(self, final_hidden: torch.Tensor, ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+        blocks = getattr(self._parent, self._child)
+        for p in self._stand_ins:
+            p.as_tuple = as_tuple
+        self._stand_ins[-1].inject = final_hidden
+        setattr(self._parent, self._child, self._stand_ins)
+        try:
+            return self.model(input_ids=ids.reshape(1, -1).to(self.device), use_cache=False).logits
+        finally:
+            setattr(self._parent, self._child, blocks)
+            self._stand_ins[-1].inject = None
+
+    def logits(self, final_hidden: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``(1, L, V)`` logits of the model for last-block output ``final_hidden`` ``(1, L, d)``.
+
+        ``ids``: the window's token ids ``(L,)``; only their count matters (``None``: zeros).
+        """
+        h = final_hidden.to(self.device)
+        L = h.shape[-2]
+        if ids is None:
+            ids = torch.zeros(L, dtype=torch.long)
+        ok = lambda t: t.dim() == 3 and tuple(t.shape[:2]) == (1, L)  # noqa: E731
+        if self.tuple_output is not None:
+            return self._run(h, ids, self.tuple_output)
+        err: Exception | None = None
+        for as_tuple in (False, True):
+            try:
+                out = self._run(h, ids, as_tuple)
+            except (TypeError, IndexError, AttributeError, RuntimeError, ValueError) as e:
+                err = e
+                continue
+            if ok(out):
+                self.tuple_output = as_tuple
+                return out
+        raise CapllmError(f"could not run the head of {type(self.model).__name__} on injected final hidden states") from err
+
+    def loss(self, final_hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy ``ℓ`` of one window (a float32 scalar, differentiable)."""
+        ids = ids.reshape(-1).to(self.device)
+        logits = self.logits(final_hidden, ids)[0, :-1].float()
+        return F.cross_entropy(logits, ids[1:], reduction="sum")
+
+    def loss_and_grad(self, final_hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """``(ℓ, ∂ℓ/∂h_L)``: the gradient has ``final_hidden``'s shape and dtype, on ``device``.
+
+        No parameter gradients are formed as long as the head's parameters do not require grad.
+        """
+        h = final_hidden.detach().to(self.device).requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss(h, ids)
+            (g,) = torch.autograd.grad(loss, h)
+        return loss.item(), g
