@@ -29,6 +29,7 @@ import gzip
 import json
 import os
 import socket
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -81,29 +82,54 @@ def _wikitext_rows(raw: str) -> list[str]:
     return [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
 
 
+def _not_utf8(f: Path, raw: bytes, offset: int, where: str = "") -> CapllmError:
+    return CapllmError(f"{f} is not UTF-8 text: its first invalid byte (0x{raw[0]:02x}) is at offset {offset}{where}; calibration and evaluation text must be UTF-8: convert it (e.g. iconv -t UTF-8) or pass another file")
+
+
+def _read_utf8(f: Path) -> str:
+    """The whole of ``f`` as text; a file that is not UTF-8 is a one-line error naming the first bad byte."""
+    raw = f.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(f, raw[exc.start:exc.start + 1], exc.start) from exc
+
+
 def _local_wikitext2(d: Path, split: str) -> list[str] | None:
     f = d / "wikitext-2-raw" / f"wiki.{split}.raw"
-    return _wikitext_rows(f.read_text(encoding="utf-8")) if f.exists() else None
+    return _wikitext_rows(_read_utf8(f)) if f.exists() else None
 
 
 def _local_enwiki(d: Path) -> list[str] | None:
     f = d / "enwiki-excerpt" / "articles.jsonl"
     if not f.exists():
         return None
-    return [json.loads(line)["text"] for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _read_jsonl(f)
 
 
 def _read_jsonl(f: Path) -> list[str]:
-    opener = gzip.open if f.suffix == ".gz" else open
-    with opener(f, "rt", encoding="utf-8") as fh:
-        docs = []
-        for i, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                docs.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CapllmError(f"{f}: line {i + 1} is not a JSON object with a 'text' field") from exc
+    """The ``text`` of each non-blank line of a (gzipped) JSON-lines file, read line by line."""
+    gz = f.suffix == ".gz"
+    docs, offset = [], 0
+    try:
+        with (gzip.open if gz else open)(f, "rb") as fh:
+            for i, raw in enumerate(fh):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(f, raw[exc.start:exc.start + 1], offset + exc.start, " of the decompressed text" if gz else "") from exc
+                offset += len(raw)
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise CapllmError(f"{f}: line {i + 1} is not a JSON object with a 'text' field") from exc
+                if not isinstance(text, str):
+                    raise CapllmError(f"{f}: line {i + 1} has a 'text' field that is not a string")
+                docs.append(text)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise CapllmError(f"{f}: not a complete gzip file ({exc}): it is truncated or corrupt; fetch it again, or pass an uncompressed .jsonl") from exc
     return docs
 
 
@@ -167,7 +193,7 @@ def _from_path(p: Path) -> TextSource:
     if p.suffix in (".jsonl", ".json") or p.name.endswith((".jsonl.gz", ".json.gz")):
         docs = _read_jsonl(p)
     else:
-        docs = [p.read_text(encoding="utf-8")]
+        docs = [_read_utf8(p)]
     if not any(d.strip() for d in docs):
         raise CapllmError(f"{p} contains no text")
     return TextSource(p.name, "file", _join(docs), str(p.resolve()), len(docs))

@@ -1,4 +1,8 @@
-"""``load_model(name_or_path)`` → ``(model, tokenizer)``, fp32 by default.
+"""``load_model(name_or_path)`` → ``(model, tokenizer)``, in the dtype the checkpoint is stored in.
+
+A bf16 checkpoint stays bf16 in memory (``dtype="auto"``): the engine computes each block in a
+wider dtype only while that block is processed, so the whole model is never held wider than
+its checkpoint. Pass ``dtype`` to force one.
 
 Resolution order:
 1. a built-in alias (``smollm2-135m``, ``gemma3-270m``, ``qwen2.5-coder-0.5b``): the GGUF is
@@ -85,12 +89,127 @@ def _is_compressed_dir(p: Path) -> bool:
     if not cfg.exists():
         return False
     try:
-        return "capllm" in json.loads(cfg.read_text())
-    except (json.JSONDecodeError, OSError):
+        obj = json.loads(cfg.read_text(encoding="utf-8"))
+        return isinstance(obj, dict) and "capllm" in obj
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):  # check_model_dir says what is wrong
         return False
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", revision: str | None = None):
+_JSON_TYPE = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "null"}
+_RESTORE = "restore it from the original checkpoint (download or save the model again)"
+# Files AutoTokenizer can build a tokenizer from; a checkpoint directory needs at least one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt")
+
+
+def _json_object(f: Path) -> dict:
+    """The JSON object in ``f``, or a one-line :class:`CapllmError` saying what is wrong with it."""
+    try:
+        raw = f.read_bytes()
+    except OSError as exc:
+        raise CapllmError(f"cannot read {f} ({exc.strerror or exc}): check that it is a readable file") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CapllmError(f"{f} is not JSON text (byte {exc.start} is not UTF-8): {_RESTORE}") from exc
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if not text.strip():
+            why = "it is empty"
+        elif exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated"):
+            why = "it ends early: truncated?"
+        else:
+            why = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise CapllmError(f"{f} is not valid JSON ({why}): {_RESTORE}") from exc
+    if not isinstance(obj, dict):
+        raise CapllmError(f"{f} holds {_JSON_TYPE.get(type(obj), type(obj).__name__)}, not a JSON object: {_RESTORE}")
+    return obj
+
+
+def _check_safetensors(f: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CapllmError(f"{f} is not a readable safetensors file ({first[:120]}): it is truncated or corrupt; download or save the checkpoint again") from exc
+
+
+def _check_torch_bin(f: Path) -> None:
+    """A ``pytorch_model.bin`` is a zip archive (torch >= 1.6) or, in the legacy format, a pickle."""
+    import zipfile
+
+    try:
+        with open(f, "rb") as fh:
+            first = fh.read(1)
+    except OSError as exc:
+        raise CapllmError(f"cannot read {f} ({exc.strerror or exc}): check that it is a readable file") from exc
+    if not zipfile.is_zipfile(f) and first != b"\x80":
+        raise CapllmError(f"{f} is not a PyTorch checkpoint (not a complete zip archive): it is truncated or corrupt; download or save the checkpoint again")
+
+
+def check_model_dir(p: Path) -> None:
+    """Check a Hugging Face checkpoint directory before transformers reads it.
+
+    ``config.json`` must be a JSON object naming a ``model_type`` this transformers can load as a
+    causal LM; the weights (``model.safetensors``, ``pytorch_model.bin`` or a sharded index and every
+    shard it lists) must be present, each safetensors header readable and its data complete; there
+    must be tokenizer files, and the tokenizer's JSON files must parse. Whatever is wrong is one
+    :class:`CapllmError` line naming the file and what to do, instead of a traceback from transformers.
+    """
+    p = Path(p)
+    cfg_file = p / "config.json"
+    cfg = _json_object(cfg_file)
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise CapllmError(f"{cfg_file} has no \"model_type\": it is not a Hugging Face model config; {_RESTORE}")
+    try:
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # a transformers without these tables: let it judge the config itself
+        CONFIG_MAPPING_NAMES = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES = None
+    if CONFIG_MAPPING_NAMES is not None:
+        if model_type not in CONFIG_MAPPING_NAMES:
+            if "auto_map" in cfg:
+                raise CapllmError(f"{cfg_file}: model_type {model_type!r} needs the checkpoint's own code (auto_map), which capllm does not run: use a model transformers supports")
+            raise CapllmError(f"{cfg_file}: model_type {model_type!r} is unknown to transformers {transformers.__version__}: upgrade transformers, or check the config")
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise CapllmError(f"{cfg_file}: model_type {model_type!r} is not a causal language model transformers can load: capllm compresses decoder LMs")
+
+    weights = []
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = p / index_name
+        if index.exists():
+            weight_map = _json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CapllmError(f"{index} has no \"weight_map\": {_RESTORE}")
+            for shard in sorted(set(map(str, weight_map.values()))):
+                if not (p / shard).is_file():
+                    raise CapllmError(f"{index} lists {shard}, which is missing from {p}: the download is incomplete; fetch the missing shards")
+                weights.append(p / shard)
+            break
+        if (p / single).is_file():
+            weights.append(p / single)
+            break
+    if not weights:
+        raise CapllmError(f"{p} has config.json but no weights (model.safetensors, pytorch_model.bin or a sharded index): download the weights too, or pass another directory")
+    for f in weights:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+        else:
+            _check_torch_bin(f)
+
+    if not any((p / name).is_file() for name in _TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
+        raise CapllmError(f"{p} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): copy them from the original checkpoint")
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        if (p / name).is_file():
+            _json_object(p / name)
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu", revision: str | None = None):
     """Load a causal LM and its tokenizer. See the module docstring for what ``name_or_path`` may be."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,7 +220,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     elif p.is_file() and p.suffix == ".gguf":
-        model, tokenizer = _from_gguf(p, dtype)
+        model, tokenizer = _from_gguf(p, torch.float32 if dtype == "auto" else dtype)
     elif p.is_dir():
         ggufs = sorted(p.glob("*.gguf"))
         if _is_compressed_dir(p):
@@ -109,10 +228,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
 
             model, tokenizer = load_compressed(p, device=device)
         elif (p / "config.json").exists():
+            check_model_dir(p)
             model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(p)
         elif len(ggufs) == 1:
-            model, tokenizer = _from_gguf(ggufs[0], dtype)
+            model, tokenizer = _from_gguf(ggufs[0], torch.float32 if dtype == "auto" else dtype)
         else:
             raise CapllmError(f"{p} has no config.json (and not exactly one .gguf): not a model directory")
     elif os.sep in name_or_path and (name_or_path.startswith((".", "/", "~")) or not _looks_like_hub_id(name_or_path)):
