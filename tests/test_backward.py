@@ -132,15 +132,6 @@ def test_blockwise_output_grad_sq_matches_whole_model_autograd(arch, one_thread)
         torch.testing.assert_close(G.double(), r, rtol=1e-4, atol=1e-7 * r.max().item(), msg=name)
     assert all(p.requires_grad for p in model.parameters())  # restored
     assert all(p.grad is None for p in model.parameters())  # no parameter gradients formed
-    if arch == "llama":  # the whole-model implementation agrees too
-        from capllm.allocate.stage1 import collect_output_grad_sq
-        from capllm.data.calibration import CalibrationSet
-        from capllm.data.sources import TextSource
-        from capllm.engine.context import CompressionContext
-
-        ctx = CompressionContext(model, CalibrationSet(windows, TextSource("r", "none", "", "t", 0), 0), torch.device("cpu"), progress=False)
-        for name, G in collect_output_grad_sq(ctx).items():
-            torch.testing.assert_close(got[name], G, rtol=1e-4, atol=1e-7 * G.max().item())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

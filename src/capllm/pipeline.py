@@ -6,10 +6,14 @@ the result dict); ``run_compress_job`` is what ``capllm compress`` does around i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import sys
+import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,21 @@ class CompressConfig:
     device: str = "auto"
     options: tuple[tuple[str, Any], ...] = ()
     progress: bool = True
+    dtype: str = "auto"  # compute dtype of each block: auto = float32 on a CPU, bfloat16 on a GPU
+    work_dir: str | None = None  # per-model state of the run (resumable); None = a temporary directory
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in COMPUTE_DTYPES:
+        raise CapllmError(f"--dtype {name!r}: use auto, {', '.join(COMPUTE_DTYPES)}")
+    if device.type == "cpu" and name != "float32":
+        print(f"capllm: warning: --dtype {name} on a CPU is many times slower than float32", file=sys.stderr)
+    return COMPUTE_DTYPES[name]
 
 
 def build_method(cfg: CompressConfig):
@@ -69,10 +88,17 @@ def compress(model, tokenizer, cfg: CompressConfig = CompressConfig(), timer: St
     if method.needs_calibration:
         with timer.stage("calibration_data"):
             calib = load_calibration(tokenizer, cfg.calibration)
-    ctx = CompressionContext(model, calib, device, progress=cfg.progress, timer=timer)
-    dense_linear = ctx.dense_linear_params
-    with timer.stage("compress"):
-        method.compress_model(ctx)
+    dtype = compute_dtype(cfg.dtype, device)
+    with contextlib.ExitStack() as stack:
+        work = cfg.work_dir
+        if work is None:  # a library call: per-model state in a temporary directory
+            root = cache_dir() / "work"
+            root.mkdir(parents=True, exist_ok=True)
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="run-", dir=root))
+        ctx = CompressionContext(model, calib, device, progress=cfg.progress, timer=timer, compute_dtype=dtype, work_dir=work)
+        dense_linear = ctx.dense_linear_params
+        with timer.stage("compress"):
+            method.compress_model(ctx)
     missing = [h.name for h in ctx.linears if h.name not in ctx.records]
     if missing:
         raise RuntimeError(f"method {method.name} left {len(missing)} linear layers unrecorded, e.g. {missing[0]}")
@@ -87,6 +113,8 @@ def compress(model, tokenizer, cfg: CompressConfig = CompressConfig(), timer: St
         "params": params_block(dense_linear, kept_linear, whole_dense),
         "calibration": calib.describe() if calib else None,
         "device": str(device),
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "stored_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "layers": [ctx.records[h.name].as_dict() for h in ctx.linears],
         **({"method_results": ctx.extra} if ctx.extra else {}),
     }
@@ -137,8 +165,18 @@ def default_out_dir(model: str, method: str, ratio: float) -> Path:
     return Path("runs") / f"{stamp}-{safe}-{method}-{ratio:g}"
 
 
+def job_fingerprint(job: JobConfig) -> dict:
+    """What must match for a work directory to be resumed (not progress bars, not --out)."""
+    from capllm.models.loader import resolve_model_source
+
+    comp = {k: v for k, v in asdict(job.compress).items() if k not in ("progress", "work_dir")}
+    return json.loads(json.dumps({"model": resolve_model_source(job.model), "compress": comp, "evaluate": job.evaluate,
+                                  "eval": asdict(job.eval) if job.evaluate else None, "save": job.save, "capllm_version": capllm_version()}, default=str))
+
+
 def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
-    timer = StageTimer()
+    from capllm.workdir import check_disk, disk_estimate, open_work_dir, remove_work_dir, save_state, work_dir_for
+
     method = build_method(job.compress)  # fail fast on bad method / ratio / options
     if job.save not in SAVE_MODES:
         raise CapllmError(f"--save {job.save!r}: use one of {', '.join(SAVE_MODES)}")
@@ -150,16 +188,37 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
     if out.exists():
         raise CapllmError(f"output directory {out} already exists: choose another --out or remove it")
     device = resolve_device(job.compress.device)
+    work, state = open_work_dir(work_dir_for(out), job_fingerprint(job), log)
+    resumed = state is not None
+    state = dict(state or {})
+    state["attempts"] = state.get("attempts", 0) + 1
+    timer = StageTimer(previous=state.get("time_s"))
     with timer.stage("load_model"):
         model, tokenizer = load_model(job.model)
+    if not resumed:
+        from capllm.allocate.stage1 import Stage1Options  # noqa: F401  (the estimate's CAP part)
+
+        need = disk_estimate(model, method.name, job.compress.calibration.nsamples, job.compress.calibration.seqlen, job.save, stage1_cached=False)
+        state["disk_estimate_bytes"] = need
+        try:
+            check_disk(work, need["total"])
+        except CapllmError:
+            remove_work_dir(work)
+            raise
+    save_state(work, state)
     eval_source = None
     dense_ppl = None
     if job.evaluate:
         with timer.stage("eval_data"):
             eval_source = load_text(job.eval.dataset, job.eval.split, job.eval.data_dir, purpose="eval")
         if method.uses_ratio:  # the dense reference (the `dense` method is scored once, below)
-            with timer.stage("eval_dense"):
-                dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache)
+            if state.get("perplexity_dense") is not None:
+                dense_ppl = state["perplexity_dense"]
+            else:
+                with timer.stage("eval_dense"):
+                    dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache)
+                state.update({"perplexity_dense": dense_ppl, "time_s": timer.as_dict()})
+                save_state(work, state)
             log(f"capllm: dense perplexity {dense_ppl['value']:.3f} on {eval_source.name}:{eval_source.split} ({dense_ppl['windows']} of {dense_ppl['windows_available']} windows × {dense_ppl['seqlen']} tokens){' [cached]' if dense_ppl.get('cached') else ''}")
     gen_prompts = gen_ref = None
     if job.generation is not None:  # the dense model's continuations, before it is compressed
@@ -169,7 +228,9 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
         gen_prompts = make_prompts(tokenizer, gen_source.text, job.generation)
         with timer.stage("generation_dense"):
             gen_ref = dense_reference(model, gen_prompts, job.generation, device, job.dense_cache)
-    result = compress(model, tokenizer, job.compress, timer)
+    result = compress(model, tokenizer, dataclasses.replace(job.compress, work_dir=str(work / "compress")), timer)
+    state["time_s"] = timer.as_dict()
+    save_state(work, state)
     ppl = None
     if job.evaluate:
         with timer.stage("eval"):
@@ -196,6 +257,9 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
         "perplexity": ppl,
         "perplexity_dense": dense_ppl,
         "time_s": timer.as_dict(),
+        "peak_by_stage": timer.peaks(),
+        "attempts": state["attempts"],  # > 1: resumed after an interruption (time_s adds up the attempts)
+        "disk_estimate_bytes": state.get("disk_estimate_bytes"),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_cuda_mb": peak_cuda_mb(device),
         "environment": environment(),
@@ -218,4 +282,5 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
             plot_allocation(alloc, tmp / "allocation.png", f"{result['method']} {result['ratio']:.0%} — {result['model']['name']}")
         elif job.plot:
             log(f"capllm: --plot: method {result['method']} reports no per-matrix allocation; no plot written")
+    remove_work_dir(work)
     return result

@@ -43,10 +43,18 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 class StageTimer:
-    """Wall time per named stage; ``total`` is added by :meth:`as_dict`."""
+    """Wall time per named stage (``total`` is added by :meth:`as_dict`) and the process's peak
+    RSS (and peak GPU memory) as each stage ended — :meth:`peaks`.
 
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
+    ``previous`` carries the times of an earlier, interrupted attempt of the same run (resume):
+    they are added, so a stage's figure is its whole cost.
+    """
+
+    def __init__(self, previous: dict[str, float] | None = None) -> None:
+        self.times: dict[str, float] = {k: v for k, v in (previous or {}).items() if k != "total"}
+        self._before = float((previous or {}).get("total", 0.0))
+        self.peak_rss: dict[str, float] = {}
+        self.peak_gpu: dict[str, float] = {}
         self._t0 = time.perf_counter()
 
     @contextlib.contextmanager
@@ -56,10 +64,17 @@ class StageTimer:
             yield
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
+            self.peak_rss[name] = round(peak_rss_mb(), 1)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                self.peak_gpu[name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+    def peaks(self) -> dict[str, dict[str, float]]:
+        """``{"rss_mb": {stage: peak RSS of the process when the stage ended}, "gpu_mb": {...}}``."""
+        return {"rss_mb": dict(self.peak_rss), **({"gpu_mb": dict(self.peak_gpu)} if self.peak_gpu else {})}
 
     def as_dict(self) -> dict[str, float]:
         out = {k: round(v, 3) for k, v in self.times.items()}
-        out["total"] = round(time.perf_counter() - self._t0, 3)
+        out["total"] = round(self._before + time.perf_counter() - self._t0, 3)
         return out
 
 

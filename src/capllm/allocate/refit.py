@@ -13,13 +13,14 @@ The kept-parameter count does not change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from capllm.engine.layerwise import run_layerwise
 from capllm.engine.stats import InputStats
 from capllm.methods.base import CompressedWeight
-from capllm.methods.sparsegpt import sparsegpt_prune
+from capllm.solvers.obs import sparsegpt_prune
 
 
 @dataclass
@@ -56,21 +57,27 @@ class _RefitCompressor:
 
 
 class _RefitPass:
-    """The layer-wise engine's view of a refit: one compressor per decided matrix."""
+    """The layer-wise engine's view of a refit: one compressor per decided matrix.
+
+    ``decide(name)`` builds a matrix's :class:`Decision` when its block is reached (from the
+    Stage 1 cache and the stored mask), so only one block's decisions are ever in memory.
+    """
 
     name = "cap-refit"
     needs_calibration = True
 
-    def __init__(self, decisions: dict[str, Decision], blocksize: int = 128, percdamp: float = 0.01) -> None:
-        self.decisions, self.blocksize, self.percdamp = decisions, blocksize, percdamp
+    def __init__(self, decide: Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01) -> None:
+        self.decide, self.blocksize, self.percdamp = decide, blocksize, percdamp
 
     def layer_compressor(self, handle):
-        return _RefitCompressor(handle.shape[1], handle.module.weight.device, self.decisions[handle.name], self.blocksize, self.percdamp)
+        return _RefitCompressor(handle.shape[1], handle.module.weight.device, self.decide(handle.name), self.blocksize, self.percdamp)
 
 
-def refit_layerwise(ctx, decisions: dict[str, Decision], blocksize: int = 128, percdamp: float = 0.01) -> None:
-    """Apply ``decisions`` to ``ctx.model`` block by block with OBS-refitted sparse values.
+def refit_layerwise(ctx, decisions: dict[str, Decision] | Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01) -> None:
+    """Apply ``decisions`` (a dict, or a function of the linear's name) to ``ctx.model`` block by
+    block with OBS-refitted sparse values; resumable through the run's work directory.
 
     The model's linear weights must hold the original dense ``W`` when this is called.
     """
-    run_layerwise(ctx, _RefitPass(decisions, blocksize, percdamp))
+    decide = decisions.__getitem__ if isinstance(decisions, dict) else decisions
+    run_layerwise(ctx, _RefitPass(decide, blocksize, percdamp), checkpoint=ctx.checkpoint("cap-refit"), desc="CAP refit: blocks")

@@ -37,46 +37,80 @@ from capllm.allocate.pools import CandidatePools
 SCORE_KINDS = ("fisher", "activation", "magnitude", "constant")
 
 
+def reduce_gram(C: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(v_iᵀ C v_i for every column of V, diag C)`` in float64 — all the scores need of ``C``.
+
+    ``C`` is ``E[x xᵀ] (n, n)``, or only its diagonal ``E[x_j²] (n,)`` (then ``vᵀCv`` uses it alone).
+    """
+    C = C.double()
+    V = V.double()
+    if C.dim() == 2:
+        return ((C @ V) * V).sum(0), C.diagonal()
+    return (V**2 * C.unsqueeze(1)).sum(0), C
+
+
+def matrix_importance(p, kind: str, vcv: torch.Tensor | None = None, adiag: torch.Tensor | None = None,
+                      G: torch.Tensor | None = None, normalize: str = "matrix") -> torch.Tensor:
+    """Importance (fp32, ≥ 0) of one :class:`~capllm.allocate.pools.MatrixPool`'s candidates.
+
+    ``vcv = (v_iᵀ A v_i)_i`` and ``adiag = diag A`` come from :func:`reduce_gram` of the layer's
+    input second moment ``A``; ``G = E[g²]`` of its output gradients (``fisher``).
+    """
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"unknown score kind {kind!r}")
+    out = torch.empty(p.size, dtype=torch.float32)
+    if kind == "constant":
+        return out.fill_(1.0)
+    sig2 = p.sigma.double() ** 2
+    vals2 = p.entry_values().double() ** 2
+    if kind in ("activation", "fisher"):
+        if vcv is None or adiag is None:
+            raise ValueError(f"activation scores need the input statistics of {p.name}")
+        sig2 = sig2 * vcv.double().clamp_min(0)
+        sup = p.support()
+        vals2 = vals2 * adiag.double()[sup % p.shape[1]]
+        if kind == "fisher":
+            if G is None:
+                raise ValueError(f"fisher scores need the output-gradient statistics of {p.name}")
+            G = G.double()
+            sig2 = 0.5 * sig2 * ((p.U.double() ** 2) * G.unsqueeze(1)).sum(0)
+            vals2 = 0.5 * vals2 * G[sup // p.shape[1]]
+    out[: p.rank] = sig2.float()
+    out[p.rank :] = vals2.float()
+    if normalize == "matrix":
+        total = float(sig2.sum() + vals2.sum())
+        if total > 0:
+            out /= total
+    elif normalize != "none":
+        raise ValueError(f"unknown normalisation {normalize!r}")
+    return out
+
+
+def matrix_costs(p) -> torch.Tensor:
+    """Cost (fp32) of each of one matrix's candidates: ``m + n`` per direction, 1 per entry."""
+    c = torch.ones(p.size, dtype=torch.float32)
+    c[: p.rank] = p.direction_cost
+    return c
+
+
 def importances(pools: CandidatePools, kind: str, grams: dict[str, torch.Tensor] | None = None, normalize: str = "matrix",
                 out_grad_sq: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Per-candidate importance (fp32, ≥ 0), in pool order."""
+    """Per-candidate importance (fp32, ≥ 0), in pool order (small models; CAP itself scores one
+    matrix at a time with :func:`matrix_importance`)."""
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind {kind!r}")
     out = torch.empty(pools.size, dtype=torch.float32)
     for p in pools.matrices:
-        seg = out[p.offset : p.offset + p.size]
-        if kind == "constant":
-            seg.fill_(1.0)
-            continue
-        sig2 = p.sigma.double() ** 2
-        vals2 = p.entry_values().double() ** 2
+        vcv = adiag = G = None
         if kind in ("activation", "fisher"):
             if grams is None or p.name not in grams:
                 raise ValueError(f"activation scores need the input statistics of {p.name}")
-            C = grams[p.name].double()
-            if C.dim() == 2:
-                vcv = ((C @ p.V.double()) * p.V.double()).sum(0)  # v_iᵀ C v_i
-                diag = C.diagonal()
-            else:  # only the diagonal E[x_j²] is known
-                diag = C
-                vcv = (p.V.double() ** 2 * diag.unsqueeze(1)).sum(0)
-            sig2 = sig2 * vcv.clamp_min(0)
-            sup = p.support()
-            vals2 = vals2 * diag[sup % p.shape[1]]
-            if kind == "fisher":
-                if out_grad_sq is None or p.name not in out_grad_sq:
-                    raise ValueError(f"fisher scores need the output-gradient statistics of {p.name}")
-                G = out_grad_sq[p.name].double()
-                sig2 = 0.5 * sig2 * ((p.U.double() ** 2) * G.unsqueeze(1)).sum(0)
-                vals2 = 0.5 * vals2 * G[sup // p.shape[1]]
-        seg[: p.rank] = sig2.float()
-        seg[p.rank :] = vals2.float()
-        if normalize == "matrix":
-            total = float(sig2.sum() + vals2.sum())
-            if total > 0:
-                seg /= total
-        elif normalize != "none":
-            raise ValueError(f"unknown normalisation {normalize!r}")
+            vcv, adiag = reduce_gram(grams[p.name], p.V)
+        if kind == "fisher":
+            if out_grad_sq is None or p.name not in out_grad_sq:
+                raise ValueError(f"fisher scores need the output-gradient statistics of {p.name}")
+            G = out_grad_sq[p.name]
+        out[p.offset : p.offset + p.size] = matrix_importance(p, kind, vcv, adiag, G, normalize)
     return out
 
 

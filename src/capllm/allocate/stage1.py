@@ -1,11 +1,21 @@
-"""Stage 1 for CAP's Stage 2: input statistics and RPCA candidate pools of a model.
+"""CAP Stage 1 as a pass of the layer-wise engine: statistics and robust PCA, block by block.
 
-``collect_grams`` runs the dense model once over the calibration windows and keeps each decoder
-linear's input second moment ``E[x xᵀ]`` (or only its diagonal ``E[x_j²]``).
-``stage1_pools`` decomposes every decoder linear by robust PCA (:mod:`capllm.decompose`),
-through the resumable per-matrix cache — by default under
-``$CAPLLM_CACHE/stage1/<model and options fingerprint>``, or a ``capllm decompose`` output
-given as ``stage1_dir`` — and returns the :class:`~capllm.allocate.pools.CandidatePools`.
+For each decoder block, on the inputs the *dense* model gives it (a statistics-only pass of
+:func:`capllm.engine.layerwise.run_layerwise`):
+
+1. accumulate every linear's input second moment ``A = E[x xᵀ]`` (or only ``E[x_j²]``);
+2. robust PCA of each of its matrices (:mod:`capllm.decompose`), activation-aware on
+   ``W·diag(√A_jj)`` (``act_aware``), into the resumable per-matrix cache — by default under
+   ``$CAPLLM_CACHE/stage1/<model and options fingerprint>``, or a ``capllm decompose`` output given
+   as ``stage1_dir``;
+3. keep of ``A`` only what the scores need — ``diag A`` and ``v_kᵀ A v_k`` for each Stage 1
+   direction (:func:`capllm.allocate.scores.reduce_gram`) — in the run's
+   :class:`~capllm.allocate.store.CapStore`, and drop ``A``;
+4. for the ``fisher`` score, write the block's inputs to the store for the block-wise backward
+   pass (:mod:`capllm.engine.backward`).
+
+So only one block's Grams exist at any time. :func:`load_pool` reads one matrix's Stage 1
+result back as a :class:`~capllm.allocate.pools.MatrixPool`.
 """
 
 from __future__ import annotations
@@ -17,8 +27,11 @@ from pathlib import Path
 
 import torch
 
-from capllm.allocate.pools import CandidatePools, MatrixPool
+from capllm.allocate.pools import MatrixPool
+from capllm.allocate.scores import reduce_gram
+from capllm.allocate.store import CapStore
 from capllm.engine.stats import InputStats
+from capllm.models.layers import find_decoder_blocks
 from capllm.utils import cache_dir
 
 
@@ -33,66 +46,13 @@ class Stage1Options:
     rpca_tol: float = 1e-7
 
 
-def collect_output_grad_sq(ctx) -> dict[str, torch.Tensor]:
-    """``{linear name: G = E[g_i²] (m,)}``, ``g = ∂ℒ/∂y`` of each linear's output, dense model.
+def rpca_config(o: Stage1Options):
+    from capllm.decompose import RPCAConfig
 
-    One forward and backward pass per calibration window with the token-mean cross-entropy
-    ``ℒ``; no parameter gradients are formed (the graph starts at the input embeddings). With
-    the input second moment ``A = E[x xᵀ]`` this is the K-FAC (Kronecker-factored Fisher)
-    approximation of the loss curvature of each layer, used by the ``fisher`` scores.
-    """
-    import torch.nn.functional as F
-
-    model = ctx.model
-    sums = {h.name: torch.zeros(h.shape[0], dtype=torch.float64) for h in ctx.linears}
-    count = 0
-
-    def grad_hook(name):
-        def accumulate(g):
-            sums[name].add_(g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0).cpu())
-
-        def fn(mod, inp, out):
-            if out.requires_grad:
-                out.register_hook(accumulate)
-        return fn
-
-    hooks = [h.module.register_forward_hook(grad_hook(h.name)) for h in ctx.linears]
-    was = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    model.to(ctx.device)
-    emb = model.get_input_embeddings()
-    try:
-        for w in ctx.calibration.windows:
-            ids = w.unsqueeze(0).to(ctx.device)
-            x = emb(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=x, use_cache=False).logits[0, :-1].float()
-            # summed (not mean) loss: per-token gradients, the empirical Fisher of the token losses
-            F.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
-            count += ids.shape[1] - 1
-    finally:
-        for hk in hooks:
-            hk.remove()
-        for p, r in zip(model.parameters(), was):
-            p.requires_grad_(r)
-    model.to("cpu")
-    return {k: (v / count).float() for k, v in sums.items()}
-
-
-@torch.no_grad()
-def collect_grams(ctx, full: bool = True) -> dict[str, torch.Tensor]:
-    """``{linear name: E[x xᵀ] (n × n)}`` (``full``) or ``{name: E[x_j²] (n,)}`` from the dense model."""
-    stats = {h.name: InputStats(h.shape[1], torch.device("cpu"), sq=not full, gram=full) for h in ctx.linears}
-    hooks = [h.module.register_forward_hook(lambda mod, inp, out, st=stats[h.name]: st.add_batch(inp[0].detach().cpu())) for h in ctx.linears]
-    model = ctx.model
-    model.to(ctx.device)
-    try:
-        for w in ctx.calibration.windows:
-            model(w.unsqueeze(0).to(ctx.device), use_cache=False)
-    finally:
-        for hk in hooks:
-            hk.remove()
-    model.to("cpu")
-    return {k: (s.gram if full else s.sq.float()) for k, s in stats.items()}
+    kw = {"lam_scale": o.lam_scale, "tol": o.rpca_tol}
+    if o.rpca_max_iter:
+        kw["max_iter"] = o.rpca_max_iter
+    return RPCAConfig(**kw)
 
 
 def _fingerprint(ctx, o: Stage1Options) -> str:
@@ -102,28 +62,104 @@ def _fingerprint(ctx, o: Stage1Options) -> str:
         for hd in ctx.linears:
             w = hd.weight()
             h.update(str(tuple(w.shape)).encode())
-            h.update(w.reshape(-1)[:: max(1, w.numel() // 4096)].contiguous().numpy().tobytes())
+            h.update(w.reshape(-1)[:: max(1, w.numel() // 4096)].float().contiguous().numpy().tobytes())
         src = h.hexdigest()
     cal = ctx.calibration.describe() if (o.act_aware and ctx.calibration is not None) else None
     key = json.dumps([src, o.lam_scale, o.act_aware, o.rpca_max_iter, o.rpca_tol, cal], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def stage1_pools(ctx, o: Stage1Options, grams: dict[str, torch.Tensor] | None) -> CandidatePools:
-    from capllm.decompose import RPCAConfig
-    from capllm.decompose.cache import decompose_model, load_decomposition
+def stage1_dir(ctx, o: Stage1Options) -> Path:
+    return Path(o.stage1_dir) if o.stage1_dir else cache_dir() / "stage1" / _fingerprint(ctx, o)
 
-    out = Path(o.stage1_dir) if o.stage1_dir else cache_dir() / "stage1" / _fingerprint(ctx, o)
-    cfg_kwargs = {"lam_scale": o.lam_scale, "tol": o.rpca_tol}
-    if o.rpca_max_iter:
-        cfg_kwargs["max_iter"] = o.rpca_max_iter
-    cfg = RPCAConfig(**cfg_kwargs)
-    scales = None
-    if o.act_aware:
-        scales = {k: (g.diagonal() if g.dim() == 2 else g).clamp_min(0).sqrt() for k, g in grams.items()}
-    decompose_model(ctx.model, cfg, out, col_scales=scales, progress=ctx.progress, device=ctx.device)
-    mats = []
-    for h in ctx.linears:
-        r = load_decomposition(out, h.name)
-        mats.append(MatrixPool(h.name, h.shape, r.U.float(), r.sigma.float(), r.V.float(), r.S.float()))
-    return CandidatePools(mats)
+
+class _GramOnly:
+    """Accumulates a linear's input moments; ``compress`` is never called (statistics pass)."""
+
+    def __init__(self, n_in: int, device, full: bool) -> None:
+        self.stats = InputStats(n_in, device, sq=not full, gram=full)
+
+    def add_batch(self, inp, out) -> None:
+        self.stats.add_batch(inp)
+
+    def moment(self) -> torch.Tensor:
+        return self.stats.gram if self.stats.gram is not None else self.stats.sq.float()
+
+    def free(self) -> None:
+        self.stats.free()
+
+
+class Stage1Pass:
+    """The engine pass of the module docstring (``modifies_weights = False``)."""
+
+    name = "cap-stage1"
+    needs_calibration = True
+    modifies_weights = False
+
+    def __init__(self, o: Stage1Options, out_dir: Path, store: CapStore, full_gram: bool, keep_gram: bool, timer, progress: bool) -> None:
+        self.o, self.out_dir, self.store = o, out_dir, store
+        self.full, self.keep_gram = full_gram, keep_gram
+        self.cfg = rpca_config(o)
+        self.timer, self.progress = timer, progress
+
+    def layer_compressor(self, handle):
+        return _GramOnly(handle.shape[1], handle.module.weight.device, self.full)
+
+    def finish_block(self, ctx, index: int, handles: list, comps: dict) -> dict:
+        from capllm.decompose.cache import decompose_model, load_decomposition
+
+        moments = {h.name: comps[h.name].moment().float().cpu() for h in handles}
+        for c in comps.values():
+            c.free()
+        scales = None
+        if self.o.act_aware:
+            scales = {k: (A.diagonal() if A.dim() == 2 else A).clamp_min(0).sqrt() for k, A in moments.items()}
+        with self.timer.stage("stage1_rpca"):
+            decompose_model(ctx.model, self.cfg, self.out_dir, col_scales=scales, progress=False, device=ctx.device, names=[h.name for h in handles],
+                            scale_info={"statistic": "sqrt(E[x^2])", "calibration": ctx.calibration.describe()} if scales is not None else None)
+        stats = {}
+        for h in handles:
+            V = load_decomposition(self.out_dir, h.name).V
+            vcv, adiag = reduce_gram(moments[h.name], V)
+            stats[h.name] = {"adiag": adiag.float(), "vcv": vcv.float()}
+            if self.keep_gram:
+                stats[h.name]["gram"] = moments[h.name]
+        self.store.save_block_stats(index, stats)
+        return {}
+
+
+def run_stage1(ctx, o: Stage1Options, store: CapStore, full_gram: bool, keep_inputs: bool, keep_gram: bool = False) -> Path:
+    """Statistics and Stage 1 of every block (resumable); returns the Stage 1 cache directory."""
+    from capllm.engine.layerwise import run_layerwise
+
+    out = stage1_dir(ctx, o)
+    if store.stage("stage1") is not None:
+        return out
+    stage = Stage1Pass(o, out, store, full_gram, keep_gram, ctx.timer, ctx.progress)
+    on_inputs = None
+    if keep_inputs:
+        nblocks = len(find_decoder_blocks(ctx.model)[1])
+
+        def on_inputs(i, hidden):
+            store.save_inputs(i if i < nblocks else None, hidden)
+    run_layerwise(ctx, stage, checkpoint=ctx.checkpoint("cap-stage1"), on_block_inputs=on_inputs, desc="CAP stage 1: statistics + robust PCA")
+    store.finish_stage("stage1", {"stage1_dir": str(out)})
+    return out
+
+
+def run_stage1_without_data(ctx, o: Stage1Options) -> Path:
+    """Stage 1 of every matrix when no statistic is needed (``act_aware=False``, data-free scores)."""
+    from capllm.decompose.cache import decompose_model
+
+    out = stage1_dir(ctx, o)
+    with ctx.timer.stage("stage1_rpca"):
+        decompose_model(ctx.model, rpca_config(o), out, progress=ctx.progress, device=ctx.device)
+    return out
+
+
+def load_pool(out_dir: Path, name: str, shape: tuple[int, int]) -> MatrixPool:
+    """One matrix's Stage 1 result from the cache, as a candidate pool."""
+    from capllm.decompose.cache import load_decomposition
+
+    r = load_decomposition(out_dir, name)
+    return MatrixPool(name, shape, r.U.float(), r.sigma.float(), r.V.float(), r.S.float())

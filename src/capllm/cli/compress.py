@@ -24,7 +24,10 @@ def add_parser(sub) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable (e.g. --option blocksize=64)")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    c.add_argument("--out", default=None, help="output directory (must not exist; default runs/<time>-<model>-<method>-<ratio>): result.json and the saved model")
+    c.add_argument("--out", default=None, help="output directory (must not exist; default runs/<time>-<model>-<method>-<ratio>): result.json and the saved model; "
+                   "an interrupted run with the same --out resumes from OUT.work/")
+    c.add_argument("--resume", default=None, metavar="DIR", help="resume the interrupted run whose --out was DIR (the same as repeating its command)")
+    c.add_argument("--dtype", default="auto", help="compute dtype of each block: auto (float32 on a CPU, bfloat16 on a GPU), float32, bfloat16, float16")
     c.add_argument("--save", choices=["compressed", "dense", "none"], default="compressed", help="what to write next to result.json: the compressed model (default; load it with capllm or transformers trust_remote_code), a plain dense HF checkpoint, or nothing")
     c.add_argument("--eval", dest="evaluate", action="store_true", default=True, help="evaluate perplexity before and after (default)")
     c.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation")
@@ -43,12 +46,23 @@ def run(a) -> int:
     from capllm.pipeline import CompressConfig, JobConfig, run_compress_job
     from capllm.results import summary_table
 
+    if a.resume:
+        from pathlib import Path
+
+        from capllm.errors import CapllmError
+        from capllm.workdir import work_dir_for
+
+        if a.out and Path(a.out) != Path(a.resume):
+            raise CapllmError(f"--resume {a.resume} and --out {a.out} differ: give one of them")
+        if not work_dir_for(a.resume).is_dir():
+            raise CapllmError(f"--resume {a.resume}: no interrupted run there ({work_dir_for(a.resume)} does not exist)")
+        a.out = a.resume
     job = JobConfig(
         model=a.model,
         compress=CompressConfig(
             method=a.method, ratio=a.ratio, structure=a.structure,
             calibration=CalibrationConfig(a.calib, a.nsamples, a.seqlen, a.seed, a.data_dir),
-            device=a.device, options=parse_options(a.option), progress=not a.quiet,
+            device=a.device, options=parse_options(a.option), progress=not a.quiet, dtype=a.dtype,
         ),
         evaluate=a.evaluate,
         eval=PerplexityConfig(a.dataset, a.split, a.eval_seqlen, a.max_windows or None, a.batch_size, a.data_dir),

@@ -196,7 +196,13 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
     out_dir.mkdir(parents=True, exist_ok=True)
     source = getattr(model, "_capllm_source", {"name": type(model).__name__, "revision_or_path": None})
     all_handles = find_linears(model)
-    scales = column_scales(all_handles, stats, col_scales)
+    handles = all_handles
+    if names is not None:
+        unknown = sorted(set(names) - {h.name for h in handles})
+        if unknown:
+            raise CapllmError(f"unknown linear layer {unknown[0]!r}")
+        handles = [h for h in handles if h.name in set(names)]
+    scales = column_scales(handles, stats, col_scales)
     aa = None
     if scales is not None:
         aa = dict(scale_info or {"statistic": "sqrt(E[x^2])" if stats is not None else "caller-provided column scales"})
@@ -210,12 +216,9 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
             raise CapllmError(f"{out_dir} holds a decomposition with a different configuration ({_diff(man['config'], config)}): use another --out, or the same options to resume")
         if man.get("model") != source:
             raise CapllmError(f"{out_dir} holds a decomposition of another model ({man.get('model')}): use another --out")
-    handles = all_handles
-    if names is not None:
-        unknown = sorted(set(names) - {h.name for h in handles})
-        if unknown:
-            raise CapllmError(f"unknown linear layer {unknown[0]!r}")
-        handles = [h for h in handles if h.name in set(names)]
+        if aa is not None:  # a block-by-block run adds its matrices' scales as it goes
+            old_aa = man["config"].get("activation_aware") or {}
+            man["config"]["activation_aware"] = {**old_aa, "scale_norms": {**old_aa.get("scale_norms", {}), **aa["scale_norms"]}}
     pending = [h for h in handles if not (h.name in man["matrices"] and (out_dir / man["matrices"][h.name]["file"]).exists())]
     if progress and len(pending) < len(handles):
         print(f"capllm: resuming: {len(handles) - len(pending)} of {len(handles)} matrices already in {out_dir}")
@@ -237,7 +240,11 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
 
 
 def _same_config(old: dict, new: dict) -> bool:
+    """Equal configurations; per-matrix scale norms are compared where both have the matrix
+    (a run that decomposes some matrices at a time records each matrix's scales when it does)."""
     a, b = _flatten(old), _flatten(new)
+    a = {k: v for k, v in a.items() if ".scale_norms." not in k or k in b}
+    b = {k: v for k, v in b.items() if ".scale_norms." not in k or k in a}
     if a.keys() != b.keys():
         return False
     for k in a:

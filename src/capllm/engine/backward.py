@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from capllm.engine.capture import BlockInputs, to_device
+from capllm.engine.capture import BlockInputs, cast_floats, stored_dtype
 from capllm.engine.head import Head
 from capllm.models.layers import LinearHandle, find_decoder_blocks, find_linears
 
@@ -86,7 +86,8 @@ def _head_deltas(head: Head, final_hidden: Sequence[torch.Tensor], windows: torc
     return deltas, total
 
 
-def _block_vjp(block: nn.Module, inputs: BlockInputs, delta: list[torch.Tensor], handles: list[LinearHandle], device: torch.device) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+def _block_vjp(block: nn.Module, inputs: BlockInputs, delta: list[torch.Tensor], handles: list[LinearHandle], device: torch.device,
+               dtype: torch.dtype) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """One block: ``(δ_i per window, {name: Σ g²})`` from ``δ_{i+1}``; block already on ``device``."""
     sums = {h.name: torch.zeros(h.shape[0], dtype=torch.float64, device=device) for h in handles}
 
@@ -104,8 +105,8 @@ def _block_vjp(block: nn.Module, inputs: BlockInputs, delta: list[torch.Tensor],
     try:
         with torch.enable_grad():
             for s, d in enumerate(delta):
-                x = inputs.hidden[s].detach().to(device).requires_grad_(True)
-                out = block(x, *to_device(inputs.args[s], device), **to_device(inputs.kwargs[s], device))
+                x = inputs.hidden[s].detach().to(device, dtype).requires_grad_(True)
+                out = block(x, *cast_floats(inputs.args[s], device, dtype), **cast_floats(inputs.kwargs[s], device, dtype))
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 (gx,) = torch.autograd.grad(out, x, grad_outputs=d.to(device=device, dtype=out.dtype))
                 new_delta.append(gx.cpu())
@@ -128,6 +129,7 @@ def blockwise_output_grad_sq(
     start: BackwardState | None = None,
     on_block_done: Callable[[BackwardState], None] | None = None,
     progress: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """``{linear name: G (m,) float32}``, ``G_j = E_tokens[(∂ℒ/∂y_j)²]``, block by block (module doc).
 
@@ -138,7 +140,7 @@ def blockwise_output_grad_sq(
     all of the decoder). The non-block parts of the model must already be on ``device``
     (``place_outside_blocks``); each block is moved there in turn and back to where it was.
     ``head``: reuse a :class:`Head` (default: a new one). ``start`` / ``on_block_done``: resume
-    (see :class:`BackwardState`, :class:`DiskCheckpoint`).
+    (see :class:`BackwardState`, :class:`DiskCheckpoint`). Each block runs in ``compute_dtype``.
     """
     device = torch.device(device)
     _, blocks = find_decoder_blocks(model)
@@ -162,12 +164,12 @@ def blockwise_output_grad_sq(
             state = BackwardState(start.block, list(start.delta), dict(start.sums), start.loss)
         for i in tqdm(range(state.block, -1, -1), desc="backward: blocks", disable=not progress):
             block = blocks[i]
-            home = next(block.parameters()).device
-            block.to(device)
+            home, home_dtype = next(block.parameters()).device, stored_dtype(block)
+            block.to(device, compute_dtype)  # computed in compute_dtype, kept in the dtype it is stored in
             try:
-                delta, sums = _block_vjp(block, block_inputs(i), state.delta, by_block.get(i, []), device)
+                delta, sums = _block_vjp(block, block_inputs(i), state.delta, by_block.get(i, []), device, compute_dtype)
             finally:
-                block.to(home)
+                block.to(home, home_dtype)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             state = BackwardState(i - 1, delta, {**state.sums, **sums}, state.loss)

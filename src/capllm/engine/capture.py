@@ -1,14 +1,14 @@
 """Capture the inputs of the first decoder block: hidden states *and* every other argument.
 
-A forward pre-hook (``with_kwargs=True``) on block 0 stores the positional and keyword arguments
-the model passes (attention mask, position ids and embeddings, cache position, ...) and stops
-the forward pass. Blocks are then called with exactly these arguments, so the engine works for
-any architecture whose blocks are called with the same arguments — no per-model glue.
+The decoder blocks are swapped for recorders that store the positional and keyword arguments
+the model passes each of them (attention mask, position ids and embeddings, cache position, ...)
+and stop the forward pass at the last one. Each block is then called with exactly its own arguments, so the engine works for any
+architecture — no per-model glue.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,27 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def cast_floats(obj, device: torch.device, dtype: torch.dtype):
+    """``to_device`` that also casts floating tensors to the block's compute dtype."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(cast_floats(o, device, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [cast_floats(o, device, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: cast_floats(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def stored_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module's floating parameters are held in (fp32 if it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
@@ -51,9 +72,22 @@ class BlockInputs:
     kwargs: list[dict]
 
 
+@dataclass
+class CapturedInputs(BlockInputs):
+    """Block 0's inputs (``hidden``, ``args``, ``kwargs``) and the other arguments of *every*
+    block: blocks of one model need not be called alike (Gemma 3 gives its sliding-window
+    layers a different mask and rotary table than its global ones)."""
+
+    per_block: list[tuple[list[tuple], list[dict]]] = field(default_factory=list)
+
+    def for_block(self, i: int, hidden: list[torch.Tensor]) -> BlockInputs:
+        args, kwargs = self.per_block[i]
+        return BlockInputs(hidden, args, kwargs)
+
+
 def _drop_cache(kwargs: dict) -> dict:
     kwargs = dict(kwargs)
-    for k in ("past_key_value", "past_key_values", "layer_past"):
+    for k in ("past_key_value", "past_key_values", "layer_past", "cache"):
         if k in kwargs:
             kwargs[k] = None
     if "use_cache" in kwargs:
@@ -61,35 +95,88 @@ def _drop_cache(kwargs: dict) -> dict:
     return kwargs
 
 
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+class _Recorder(nn.Module):
+    """Stands in for one decoder block: records what the model calls it with, returns its input."""
+
+    def __init__(self, like: nn.Module, record, last: bool) -> None:
+        super().__init__()
+        for k, v in vars(like).items():  # attributes the model may read (attention_type, layer_idx, ...)
+            if not k.startswith("_") and k != "training" and isinstance(v, _SIMPLE):
+                setattr(self, k, v)
+        self._record, self._last = record, last
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self._record(hidden, tuple(args[1:]), kwargs)
+        if self._last:
+            raise _Stop
+        return hidden
+
+
+class _Dedup:
+    """Store identical argument sets once (the usual case: every window and most blocks alike)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[tuple, dict]] = []
+
+    def __call__(self, rest: tuple, kw: dict) -> tuple[tuple, dict]:
+        for a, k in self.seen:
+            if _same(k, kw) and _same(a, rest):
+                return a, k
+        self.seen.append((rest, kw))
+        return rest, kw
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device, storage: torch.device = torch.device("cpu")) -> BlockInputs:
-    """Run ``model`` on each window until block 0 and keep what block 0 would have received.
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device, storage: torch.device = torch.device("cpu")) -> CapturedInputs:
+    """Run ``model`` on each window with its blocks replaced by recorders; keep what each block
+    would have received (hidden states for block 0 only, the other arguments for every block).
 
-    Identical non-hidden arguments across windows (the usual case: same length, no padding) are
-    stored once and shared.
+    Only the parts of the model outside the blocks run (embeddings, rotary tables, masks), and
+    the forward stops at the last block, before the head. Identical argument sets across windows
+    and blocks are stored once and shared.
     """
-    captured = BlockInputs([], [], [])
+    nb = len(blocks)
+    captured = CapturedInputs([], [], [], [([], []) for _ in range(nb)])
+    dedup = _Dedup()
+    pos = {"block": 0}
 
-    def hook(module, args, kwargs):
-        hidden, rest = args[0] if args else kwargs.pop("hidden_states"), tuple(args[1:])
-        kw = _drop_cache(kwargs)
-        rest, kw = to_device(rest, storage), to_device(kw, storage)
-        if captured.kwargs and _same(kw, captured.kwargs[-1]) and _same(rest, captured.args[-1]):
-            rest, kw = captured.args[-1], captured.kwargs[-1]
-        captured.hidden.append(hidden.detach().to(storage))
-        captured.args.append(rest)
-        captured.kwargs.append(kw)
-        raise _Stop
+    def record(hidden, rest, kwargs):
+        i = pos["block"]
+        rest, kw = dedup(to_device(rest, storage), to_device(_drop_cache(kwargs), storage))
+        if i == 0:
+            captured.hidden.append(hidden.detach().to(storage))
+        captured.per_block[i][0].append(rest)
+        captured.per_block[i][1].append(kw)
+        pos["block"] = i + 1
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    parent_name, child = _blocks_parent(model, blocks)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    stand_ins = nn.ModuleList(_Recorder(b, record, last=(j == nb - 1)) for j, b in enumerate(blocks))
+    setattr(parent, child, stand_ins)
     try:
         for w in windows:
+            pos["block"] = 0
             try:
                 model(w.unsqueeze(0).to(device), use_cache=False)
             except _Stop:
                 pass
+            if pos["block"] != nb:
+                raise RuntimeError(f"the model called {pos['block']} of its {nb} decoder blocks for one window")
     finally:
-        handle.remove()
+        setattr(parent, child, blocks)
     if len(captured.hidden) != len(windows):
         raise RuntimeError(f"captured {len(captured.hidden)} block inputs for {len(windows)} windows")
+    captured.args, captured.kwargs = captured.per_block[0]
     return captured
+
+
+def _blocks_parent(model: nn.Module, blocks: nn.ModuleList) -> tuple[str, str]:
+    for name, mod in model.named_modules():
+        if mod is blocks:
+            parent, _, child = name.rpartition(".")
+            return parent, child
+    raise RuntimeError("the decoder blocks are not a submodule of the model")

@@ -10,6 +10,7 @@ low-rank part replaces the module by a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,11 @@ from capllm.format.modules import LowRankSparseLinear
 from capllm.methods.base import CompressedWeight
 from capllm.models.layers import LinearHandle, find_linears
 from capllm.utils import StageTimer
+
+
+def default_compute_dtype(device) -> torch.dtype:
+    """fp32 on a CPU (no fast bf16 there), bf16 on a GPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 @dataclass
@@ -36,10 +42,19 @@ class LayerRecord:
         return {"name": self.name, "shape": [m, n], "dense_params": m * n, "kept_params": self.kept_params,
                 "kept_fraction": round(self.kept_params / (m * n), 6), "rank": self.rank, "nnz": self.nnz, **self.info}
 
+    def as_record(self) -> dict[str, Any]:
+        """The fields themselves (for checkpoints; :meth:`as_dict` is the result.json row)."""
+        return {"name": self.name, "shape": list(self.shape), "kept_params": self.kept_params, "rank": self.rank, "nnz": self.nnz, "info": self.info}
+
 
 class CompressionContext:
-    def __init__(self, model: nn.Module, calibration: CalibrationSet | None, device: torch.device, progress: bool = True, timer: StageTimer | None = None) -> None:
+    def __init__(self, model: nn.Module, calibration: CalibrationSet | None, device: torch.device, progress: bool = True, timer: StageTimer | None = None,
+                 compute_dtype: torch.dtype | None = None, work_dir: str | Path | None = None) -> None:
         self.model = model
+        self.compute_dtype = compute_dtype or default_compute_dtype(device)
+        # where per-model state lives while the run is going (statistics, scores, finished
+        # blocks); a killed run started again with the same work_dir resumes from it
+        self.work_dir = Path(work_dir) if work_dir is not None else None
         self.calibration = calibration
         self.device = torch.device(device)
         self.progress = progress
@@ -52,7 +67,13 @@ class CompressionContext:
     def dense_linear_params(self) -> int:
         return sum(h.numel for h in self.linears)
 
-    def apply(self, handle: LinearHandle, cw: CompressedWeight) -> None:
+    def checkpoint(self, name: str):
+        """The resumable checkpoint of pass ``name`` in the work directory (``None`` without one)."""
+        from capllm.engine.checkpoint import PassCheckpoint
+
+        return PassCheckpoint(self.work_dir / "passes", name) if self.work_dir is not None else None
+
+    def apply(self, handle: LinearHandle, cw: CompressedWeight, record: bool = True) -> None:
         """Write ``cw`` into the model in place of ``handle``'s weight and record it."""
         m, n = handle.shape
         if cw.U is None:
@@ -68,7 +89,8 @@ class CompressionContext:
             parent_name, _, child = handle.name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, new)
             handle.module = new
-        self.records[handle.name] = LayerRecord(handle.name, (m, n), cw.kept_params(), cw.rank, cw.nnz, dict(cw.info))
+        if record:
+            self.records[handle.name] = LayerRecord(handle.name, (m, n), cw.kept_params(), cw.rank, cw.nnz, dict(cw.info))
 
     def record_untouched(self) -> None:
         for h in self.linears:

@@ -6,7 +6,14 @@
       while the block runs on the (already compressed-upstream) inputs;
    b. ``compress`` each linear and write the result into the model;
    c. re-run the compressed block so the next block sees compressed outputs;
-3. activations live on CPU between blocks; only the current block sits on the device.
+3. activations live on CPU between blocks; only the current block sits on the device, cast to
+   the compute dtype (fp32 on a CPU, ``--dtype`` on a GPU) and cast back to the dtype it is
+   stored in afterwards — the model is never held in a wider dtype than its checkpoint;
+4. with a :class:`~capllm.engine.checkpoint.PassCheckpoint` every finished block (its new
+   weights and the next block's inputs) is on disk, so a killed pass resumes after the last one.
+
+A statistics-only pass (``modifies_weights = False``: CAP's Stage 1 statistics) writes nothing
+and feeds each block the dense outputs of the one before, from the same forward.
 
 Methods that need no calibration data skip the forward passes entirely.
 """
@@ -14,17 +21,19 @@ Methods that need no calibration data skip the forward passes entirely.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
+import sys
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from capllm.engine.capture import capture_block_inputs, to_device
+from capllm.engine.capture import capture_block_inputs, cast_floats, stored_dtype
 from capllm.errors import CapllmError
 from capllm.models.layers import find_decoder_blocks
 
 if TYPE_CHECKING:
+    from capllm.engine.checkpoint import PassCheckpoint
     from capllm.engine.context import CompressionContext
     from capllm.methods.base import Method
 
@@ -58,13 +67,49 @@ def _check_finite(t: torch.Tensor, where: str) -> None:
         raise CapllmError(f"non-finite activations after {where}: the model or its compression produced NaN/Inf")
 
 
+def default_finish_block(ctx: "CompressionContext", method, index: int, handles: list, comps: dict) -> dict:
+    """Compress every linear of the block from its accumulated statistics."""
+    out = {}
+    for h in handles:
+        out[h.name] = comps[h.name].compress(h.weight_copy())
+        comps[h.name].free()
+    return out
+
+
+def _restore(ctx: "CompressionContext", handles: list, parts: dict, records: dict) -> None:
+    from capllm.engine.context import LayerRecord
+    from capllm.methods.base import CompressedWeight
+
+    for h in handles:
+        if h.name not in parts:
+            continue
+        t = parts[h.name]
+        ctx.apply(h, CompressedWeight(S=t.get("S"), mask=t.get("mask"), U=t.get("U"), V=t.get("V")), record=False)
+        r = records[h.name]
+        ctx.records[h.name] = LayerRecord(r["name"], tuple(r["shape"]), r["kept_params"], r["rank"], r["nnz"], r.get("info", {}))
+
+
 @torch.no_grad()
-def run_layerwise(ctx: "CompressionContext", method: "Method") -> None:
+def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "PassCheckpoint | None" = None,
+                  on_block_inputs: "Callable[[int, list[torch.Tensor]], None] | None" = None, desc: str | None = None) -> None:
+    """One pass of ``method`` over the decoder, block by block (see the module docstring).
+
+    ``method`` gives ``layer_compressor(handle)`` and may define ``finish_block(ctx, i, handles,
+    comps) -> {name: CompressedWeight}`` (default: ``compress`` each linear) and
+    ``modifies_weights = False`` (a statistics-only pass: nothing is written, and the next block
+    sees the *dense* outputs of this one, taken from the same forward). ``checkpoint`` makes the
+    pass resumable block by block; ``on_block_inputs(i, hidden)`` sees the inputs of block ``i``
+    (and, with ``i = len(blocks)``, the final hidden states) before they are replaced.
+    """
     model, device = ctx.model, ctx.device
+    compute = ctx.compute_dtype
     path, blocks = find_decoder_blocks(model)
     by_block: dict[int, list] = {}
     for h in ctx.linears:
         by_block.setdefault(h.block_index, []).append(h)
+    modifies = getattr(method, "modifies_weights", True)
+    finish = getattr(method, "finish_block", None)
+    label = desc or f"{method.name}: blocks"
 
     if not method.needs_calibration:
         for h in tqdm(ctx.linears, desc=f"{method.name}: layers", disable=not ctx.progress):
@@ -80,31 +125,66 @@ def run_layerwise(ctx: "CompressionContext", method: "Method") -> None:
         place_outside_blocks(model, device)
         inputs = capture_block_inputs(model, blocks, ctx.calibration.windows, device, storage)
     n = len(inputs.hidden)
+    inputs.hidden = [x.to(compute) for x in inputs.hidden]
+    start = 0
+    if checkpoint is not None and (done := checkpoint.done()) >= 0:
+        for i in range(done + 1):
+            if modifies:
+                parts, records = checkpoint.load_block(i)
+                _restore(ctx, by_block.get(i, []), parts, records)
+        if done + 1 < len(blocks):
+            inputs.hidden = checkpoint.load_hidden(done)
+        start = done + 1
+        if ctx.progress and start:
+            print(f"capllm: {label.split(':')[0]}: resuming after block {done} of {len(blocks)} ({checkpoint.dir})", file=sys.stderr)
 
-    for i, block in enumerate(tqdm(blocks, desc=f"{method.name}: blocks", disable=not ctx.progress)):
-        block.to(device)
+    bar = tqdm(total=len(blocks), initial=start, desc=label, disable=not ctx.progress, unit="block")
+    for i in range(start, len(blocks)):
+        block = blocks[i]
+        keep_dtype = stored_dtype(block)
+        block.to(device, compute)
+        args, kwargs = inputs.per_block[i]
+        if on_block_inputs is not None:
+            on_block_inputs(i, inputs.hidden)
         handles = by_block.get(i, [])
         comps = {h.name: method.layer_compressor(h) for h in handles}
         hooks = [
             h.module.register_forward_hook(lambda mod, inp, out, c=comps[h.name]: c.add_batch(inp[0].detach(), out.detach()))
             for h in handles
         ]
+        outs = []
         try:
             for s in range(n):
-                block(inputs.hidden[s].to(device), *to_device(inputs.args[s], device), **to_device(inputs.kwargs[s], device))
+                out = _block_output(block(inputs.hidden[s].to(device), *cast_floats(args[s], device, compute), **cast_floats(kwargs[s], device, compute)))
+                if not modifies:
+                    _check_finite(out, f"block {i}")
+                    outs.append(out.to(storage))
         finally:
             for hk in hooks:
                 hk.remove()
-        for h in handles:
-            cw = comps[h.name].compress(h.weight_copy())
-            comps[h.name].free()
-            ctx.apply(h, cw)
+        results = finish(ctx, i, handles, comps) if finish is not None else default_finish_block(ctx, method, i, handles, comps)
         del comps
-        for s in range(n):
-            out = _block_output(block(inputs.hidden[s].to(device), *to_device(inputs.args[s], device), **to_device(inputs.kwargs[s], device)))
-            _check_finite(out, f"block {i}")
-            inputs.hidden[s] = out.to(storage)
-        block.to(storage)
+        if modifies:
+            for h in handles:
+                if results.get(h.name) is not None:
+                    ctx.apply(h, results[h.name])
+            for s in range(n):
+                out = _block_output(block(inputs.hidden[s].to(device), *cast_floats(args[s], device, compute), **cast_floats(kwargs[s], device, compute)))
+                _check_finite(out, f"block {i}")
+                outs.append(out.to(storage))
+        block.to(storage, keep_dtype)
+        inputs.hidden = outs
+        if on_block_inputs is not None and i == len(blocks) - 1:
+            on_block_inputs(len(blocks), inputs.hidden)
+        if checkpoint is not None:
+            if modifies:
+                done_w = {h.name: results[h.name] for h in handles if results.get(h.name) is not None}
+                checkpoint.save_block(i, done_w, {name: ctx.records[name].as_record() for name in done_w})
+            if i + 1 < len(blocks):
+                checkpoint.save_hidden(i, inputs.hidden)
+            checkpoint.mark(i, len(blocks))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        bar.update(1)
+    bar.close()
     model.to(storage)

@@ -156,7 +156,7 @@ class Method:
         """Compress every decoder linear of ``ctx.model`` in place (layer-wise by default)."""
         from capllm.engine.layerwise import run_layerwise
 
-        run_layerwise(ctx, self)
+        run_layerwise(ctx, self, checkpoint=ctx.checkpoint(self.name))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "options": dataclasses.asdict(self.options)}

@@ -1,0 +1,118 @@
+"""Resumable position of one layer-wise pass, kept in the run's work directory.
+
+A pass over the decoder (:func:`capllm.engine.layerwise.run_layerwise`) finishes one block at a
+time. After block ``i`` it writes, each file to a temporary name and renamed:
+
+    DIR/block_<i>.safetensors   what the pass wrote into block i: per linear ``<name>.S``,
+                                ``<name>.mask``, ``<name>.U``, ``<name>.V`` (those that exist),
+                                its :class:`~capllm.engine.context.LayerRecord` in the metadata
+    DIR/hidden_<i>.safetensors  the inputs of block ``i + 1`` for every calibration window
+    DIR/state.json              ``{"done": i, ...}`` — written last; then ``hidden_<i-1>`` goes
+
+so a run killed anywhere (``kill -9``, power loss) restarts after the last block whose
+``state.json`` entry was written, with the same block inputs and the same weights as an
+uninterrupted run: the result is bit-identical. Block files of finished blocks are kept (they
+are the compressed blocks written out as they finish); only the newest hidden states are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from capllm.errors import CapllmError
+from capllm.utils import write_json_atomic
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors`` file written to a temporary name and renamed (readers never see half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CapllmError(f"could not write {path} ({exc.strerror or exc}): free disk space in {path.parent} and run the same command again to resume") from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # a truncated / foreign file
+        raise CapllmError(f"{path} is unreadable ({str(exc).splitlines()[0][:120]}): remove the work directory {path.parent.parent} to start over") from exc
+
+
+class PassCheckpoint:
+    """Per-block progress of the pass ``name`` under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike, name: str) -> None:
+        self.dir = Path(root) / name
+        self.name = name
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    def done(self) -> int:
+        """Index of the last finished block (-1: none)."""
+        if not self.state_path.exists():
+            return -1
+        try:
+            return int(json.loads(self.state_path.read_text())["done"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CapllmError(f"{self.state_path} is corrupt ({exc}): remove the work directory {self.dir.parent} to start over") from exc
+
+    def block_path(self, i: int) -> Path:
+        return self.dir / f"block_{i:04d}.safetensors"
+
+    def save_block(self, i: int, weights: dict[str, Any], records: dict[str, dict]) -> None:
+        """``weights``: ``{linear name: CompressedWeight}`` written into block ``i``."""
+        tensors = {}
+        for name, cw in weights.items():
+            for part in ("S", "mask", "U", "V"):
+                t = getattr(cw, part)
+                if t is not None:
+                    tensors[f"{name}.{part}"] = t
+        save_tensors_atomic(self.block_path(i), tensors, {"records": json.dumps(records), "names": json.dumps(list(weights))})
+
+    def load_block(self, i: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict]]:
+        """``({name: {"S"|"mask"|"U"|"V": tensor}}, {name: record dict})`` of finished block ``i``."""
+        path = self.block_path(i)
+        if not path.exists():
+            raise CapllmError(f"{path} is missing although {self.state_path} says block {i} is done: remove the work directory {self.dir.parent} to start over")
+        tensors, meta = load_tensors(path)
+        parts: dict[str, dict[str, torch.Tensor]] = {n: {} for n in json.loads(meta.get("names", "[]"))}
+        for key, t in tensors.items():
+            name, _, part = key.rpartition(".")
+            parts.setdefault(name, {})[part] = t
+        return parts, json.loads(meta.get("records", "{}"))
+
+    def _hidden_path(self, i: int) -> Path:
+        return self.dir / f"hidden_{i:04d}.safetensors"
+
+    def save_hidden(self, i: int, hidden: list[torch.Tensor]) -> None:
+        save_tensors_atomic(self._hidden_path(i), {"hidden": torch.stack(hidden)})
+
+    def load_hidden(self, i: int) -> list[torch.Tensor]:
+        path = self._hidden_path(i)
+        if not path.exists():
+            raise CapllmError(f"{path} is missing although {self.state_path} says block {i} is done: remove the work directory {self.dir.parent} to start over")
+        return list(load_tensors(path)[0]["hidden"].unbind(0))
+
+    def mark(self, i: int, nblocks: int) -> None:
+        write_json_atomic(self.state_path, {"pass": self.name, "done": i, "blocks": nblocks})
+        self._hidden_path(i - 1).unlink(missing_ok=True)
