@@ -1,0 +1,86 @@
+"""The OBS solve behind SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774): prune a matrix
+to a sparsity (or to a given support) and reconstruct the kept weights from the input second moment.
+
+It knows no method: :mod:`capllm.methods.sparsegpt` calls it to choose a support, CAP's refit
+(:mod:`capllm.allocate.refit`) to re-solve the values on a support already chosen.
+
+With ``H = 2XXᵀ/N`` (here ``E[x xᵀ]``; the factor cancels), damped by ``percdamp`` × mean
+diagonal, and ``Hinv = chol(H⁻¹)ᵀ`` (upper Cholesky factor of the inverse), columns are
+processed left to right in blocks of ``blocksize``. Inside each block the mask keeps the
+entries with the largest ``w²/[Hinv]_jj²``, exactly ``⌊ρ·m·B⌋`` pruned per block (unstructured)
+or ``M − N`` per group of ``M`` (``N:M``, chosen when the group is reached). Every pruned weight's
+error ``(w − q)/[Hinv]_jj`` is propagated to the later columns:
+``W[:, j:] −= err · Hinv[j, j:]`` — the OBS update. Columns with ``H_jj = 0`` (dead inputs) are
+zeroed first, as in the reference.
+
+Deviation from the reference, on purpose: the reference thresholds at the ``⌊ρ·numel⌋``-th
+sorted score with ``<=`` (ties prune one extra); we prune exactly ``⌊ρ·numel⌋`` per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from capllm.errors import CapllmError
+
+
+def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structure=None, blocksize: int = 128, percdamp: float = 0.01, keep_mask: torch.Tensor | None = None):
+    """Return ``(pruned W, keep mask, info)``; ``H`` is ``E[x xᵀ]`` (n × n).
+
+    ``structure`` is ``None`` (unstructured, ``ratio`` of each block pruned) or an N:M pattern,
+    anything with integer ``n`` (kept) and ``m`` (group size) such as :class:`capllm.methods.base.Structure`.
+
+    ``keep_mask`` fixes the support instead of choosing it (``ratio`` and ``structure`` are then
+    ignored): the OBS updates reconstruct the kept weights for that given mask — CAP's refit.
+    """
+    W = weight.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    H = H.clone().float()
+    m, n = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    idx = torch.arange(n, device=W.device)
+    for attempt in range(6):
+        Hd = H.clone()
+        Hd[idx, idx] += damp * (10**attempt)
+        L, bad = torch.linalg.cholesky_ex(Hd)
+        if bad == 0:
+            break
+    else:
+        raise CapllmError("SparseGPT: the Hessian is not positive definite even with 1e5× damping; the calibration inputs are degenerate")
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diag(Hinv1)
+        prune1 = torch.zeros_like(W1, dtype=torch.bool)
+        if keep_mask is not None:
+            prune1 = ~keep_mask[:, i1:i2].to(W.device)
+        elif structure is None:
+            score = (W1**2 / d1.unsqueeze(0) ** 2).reshape(-1)
+            k = int(score.numel() * ratio)
+            if k:
+                prune1.view(-1)[torch.topk(score, k, largest=False, sorted=False).indices] = True
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if keep_mask is None and structure is not None and i % structure.m == 0:
+                g = W1[:, i : i + structure.m] ** 2 / d1[i : i + structure.m].unsqueeze(0) ** 2
+                prune1.scatter_(1, i + torch.topk(g, structure.m - structure.n, dim=1, largest=False).indices, True)
+            q = w.clone()
+            q[prune1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        keep[:, i1:i2] = ~prune1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W, keep, {"damping_scale": 10**attempt}
