@@ -10,7 +10,7 @@ import pytest
 
 from capllm.cli.main import main
 from capllm.errors import CapllmError
-from capllm.eval.bench import BenchConfig, Cell, plan
+from capllm.grid.run import BenchConfig, Cell, plan
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
@@ -70,7 +70,7 @@ def test_plan_and_failures(tiny_model_dir, text_file, tmp_path, capsys):
 
 def test_report_peers_and_allocation_plot(tmp_path):
     """Report rows, capllm/peer ratios and the CAP allocation plot from hand-written cell results."""
-    from capllm.eval.report import write_report
+    from capllm.grid.report import write_report
 
     def cell(method, ratio, ppl, alloc=None):
         r = {"method": method, "ratio": ratio, "structure": None, "model": {"name": "m"}, "perplexity": {"value": ppl, "dataset": "d", "split": "test", "windows": 1, "seqlen": 8, "tokens": 7},

@@ -29,7 +29,7 @@ ORDER = ("dense", "cap", "cap-uniform", "rpca-threshold", "sparsegpt", "wanda", 
 
 def load_grid(grid: Path) -> dict[tuple[str, float | None], dict]:
     """The finished cells of a `capllm bench` directory, by (method, ratio; None for dense)."""
-    from capllm.eval.bench import load_cells
+    from capllm.grid.cells import load_cells
 
     return {(r["method"], r["ratio"] if r["method"] != "dense" else None): r for r in load_cells(grid)}
 

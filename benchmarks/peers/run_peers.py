@@ -80,7 +80,7 @@ def decoder_sparsity(model) -> float:
 def lock(path: str | None):
     if not path:
         return nullcontext()
-    from capllm.eval.bench import file_lock
+    from capllm.grid.run import file_lock
 
     return file_lock(Path(path))
 

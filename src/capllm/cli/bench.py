@@ -52,8 +52,8 @@ def run(a) -> int:
     import json
     from pathlib import Path
 
-    from capllm.eval.bench import BenchConfig, plan, run_grid
-    from capllm.eval.report import write_report
+    from capllm.grid.report import write_report
+    from capllm.grid.run import BenchConfig, plan, run_grid
 
     args: list[str] = []
     for flag, val in (("--tasks", a.tasks), ("--limit", a.limit), ("--data-dir", a.data_dir), ("--dataset", a.dataset), ("--eval-seqlen", a.eval_seqlen),

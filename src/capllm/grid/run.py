@@ -1,4 +1,4 @@
-"""The benchmark grid: every (model, method, ratio) cell, resumably, then one report.
+"""The benchmark grid runner: every (model, method, ratio) cell, resumably, then one report.
 
 Each cell is its own ``capllm compress`` process (so peak memory is that cell's own) writing
 ``DIR/cells/<cell>/`` through the compress job's atomic output directory: a cell either has a
@@ -14,7 +14,8 @@ complete ``result.json`` or does not exist. ``run_grid`` therefore
 
 Zero-shot and the generation check run inside each cell on the in-memory compressed model
 (``capllm compress --tasks ... --gen-prompts ...``), so nothing is saved and reloaded for them.
-:func:`write_report` builds ``DIR/report.md`` and the plots from whatever cells are finished.
+:func:`capllm.grid.report.write_report` builds ``DIR/report.md`` and the plots from whatever
+cells are finished (read through :mod:`capllm.grid.cells`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from capllm.errors import CapllmError
+from capllm.grid.cells import read_result
+from capllm.grid.report import write_report
 
 
 @dataclass(frozen=True)
@@ -83,15 +86,6 @@ def cell_command(cfg: BenchConfig, cell: Cell, out: Path) -> list[str]:
     if cell.ratio is not None:
         cmd += ["--ratio", f"{cell.ratio:g}"]
     return cmd + list(cfg.compress_args)
-
-
-def read_result(cell_dir: Path) -> dict[str, Any] | None:
-    """The cell's result.json, or None when it is missing or unreadable."""
-    try:
-        res = json.loads((cell_dir / "result.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return res if isinstance(res, dict) and "method" in res else None
 
 
 @contextmanager
@@ -165,8 +159,6 @@ def run_grid(cfg: BenchConfig, log=print, peers: list[dict] | None = None) -> di
                                           "commands": {c.name: shlex.join(cell_command(cfg, c, root / "cells" / c.name)) for c in cells}})
         for cell in cells:
             status[run_cell(cfg, cell, log)].append(cell.name)
-        from capllm.eval.report import write_report
-
         write_report(root, [c.name for c in cells], peers)
     return status
 
@@ -175,17 +167,3 @@ def _write_json(path: Path, obj) -> None:
     from capllm.utils import write_json_atomic
 
     write_json_atomic(path, obj)
-
-
-def load_cells(root: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
-    """Finished cells' results (in ``names`` order when given), each with ``_cell`` set to its name."""
-    cells_dir = Path(root) / "cells"
-    if names is None:
-        names = sorted(p.name for p in cells_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if cells_dir.is_dir() else []
-    out = []
-    for n in names:
-        res = read_result(cells_dir / n)
-        if res is not None:
-            out.append({**res, "_cell": n})
-    return out
-

@@ -14,9 +14,9 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from capllm.eval.tasks import DEFAULT_TASKS
+from capllm.grid.cells import load_cells
 
 STAGES = ("compress", "eval", "zeroshot", "generation")
 
@@ -226,8 +226,6 @@ def plot_allocation(r: dict, path: Path) -> Path | None:
 
 def write_report(root: str | Path, names: list[str] | None = None, peers: list[dict] | None = None) -> Path:
     """Write ``root/report.md`` (+ PNG plots) from the finished cells; returns the report path."""
-    from capllm.eval.bench import load_cells
-
     root = Path(root)
     rows = load_cells(root, names)
     if peers is None and (root / "peers.json").exists():
