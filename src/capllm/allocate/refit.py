@@ -4,7 +4,7 @@ CAP's Stage 2 chooses *which* singular directions and sparse entries survive but
 Stage 1 values, so nothing compensates for what was removed. The refit keeps the chosen support
 and the chosen low-rank factors ``U'V'ᵀ`` and re-solves the sparse values so that the layer
 output error ``‖(W − U'V'ᵀ − S) X‖`` is small: SparseGPT's OBS reconstruction
-(:func:`capllm.methods.sparsegpt.sparsegpt_prune` with the support fixed) on the residual
+(:func:`capllm.solvers.obs.sparsegpt_prune` with the support fixed) on the residual
 ``W − U'V'ᵀ``. It runs through the layer-wise engine, so each block is refitted on the inputs
 produced by the already compressed blocks before it — exactly SparseGPT's sequential setting.
 The kept-parameter count does not change.

@@ -67,6 +67,9 @@ class Head:
         blocks = getattr(self._parent, self._child)
         for p in self._stand_ins:
             p.as_tuple = as_tuple
+        out_emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if out_emb is not None and getattr(out_emb, "weight", None) is not None and out_emb.weight.is_floating_point():
+            final_hidden = final_hidden.to(out_emb.weight.dtype)  # blocks may compute wider than the head is stored
         self._stand_ins[-1].inject = final_hidden
         setattr(self._parent, self._child, self._stand_ins)
         try:

@@ -34,6 +34,7 @@ class PerplexityConfig:
     max_windows: int | None = None
     batch_size: int = 1
     data_dir: str | None = None
+    mode: str = "auto"  # auto | whole | blockwise (see choose_mode)
 
 
 def model_max_length(model) -> int | None:
@@ -73,9 +74,74 @@ def window_nll(model, windows: torch.Tensor, device: torch.device) -> torch.Tens
     return nll.view(windows.shape[0], -1).double().sum(1).cpu()
 
 
+def _fits(model, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < 0.8 * free
+
+
+def choose_mode(model, device: torch.device, mode: str = "auto", compute_dtype: torch.dtype | None = None) -> str:
+    """``whole`` (the model's own forward) or ``blockwise`` (one decoder block at a time, upcast).
+
+    ``auto`` takes ``blockwise`` when the model is stored in another dtype than the one to compute
+    in (a bf16 checkpoint on a CPU) or does not fit the GPU, ``whole`` otherwise.
+    """
+    if mode not in ("auto", "whole", "blockwise"):
+        raise CapllmError(f"perplexity mode {mode!r}: use auto, whole or blockwise")
+    if mode != "auto":
+        return mode
+    compute = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    stored = next(model.parameters()).dtype
+    if device.type == "cpu" and stored != compute:
+        return "blockwise"
+    return "whole" if _fits(model, device) else "blockwise"
+
+
 @torch.no_grad()
-def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, batch_size: int = 1, device: torch.device | str = "cpu", progress: bool = True, desc: str = "perplexity") -> dict:
-    """Perplexity of a 1-D token stream, with every knob and count recorded."""
+def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, compute_dtype: torch.dtype, progress: bool = False, desc: str = "perplexity") -> torch.Tensor:
+    """Summed next-token NLL (fp64) of each window, running the decoder one block at a time.
+
+    Only one block is on ``device`` (cast to ``compute_dtype``) at a time; the hidden states of
+    every window wait on CPU between blocks; the head (final norm, LM head, soft-capping) runs on
+    the last block's outputs (:class:`capllm.engine.head.Head`). The same function as the whole
+    model's forward, in bounded memory.
+    """
+    from capllm.engine.capture import capture_block_inputs, cast_floats, stored_dtype
+    from capllm.engine.head import Head
+    from capllm.engine.layerwise import place_outside_blocks
+    from capllm.models.layers import find_decoder_blocks
+
+    _, blocks = find_decoder_blocks(model)
+    cpu = torch.device("cpu")
+    place_outside_blocks(model, device)
+    captured = capture_block_inputs(model, blocks, windows, device, cpu)
+    hidden = [h.to(compute_dtype) for h in captured.hidden]
+    for i, block in enumerate(tqdm(blocks, desc=f"{desc}: blocks", disable=not progress, unit="block")):
+        keep = stored_dtype(block)
+        block.to(device, compute_dtype)
+        args, kwargs = captured.per_block[i]
+        nxt = []
+        for s, h in enumerate(hidden):
+            out = block(h.to(device), *cast_floats(args[s], device, compute_dtype), **cast_floats(kwargs[s], device, compute_dtype))
+            nxt.append((out[0] if isinstance(out, (tuple, list)) else out).to(cpu))
+        hidden = nxt
+        block.to(cpu, keep)
+    head = Head(model, device)
+    sums = []
+    for s, h in enumerate(hidden):
+        ids = windows[s].to(device)
+        logits = head.logits(h.to(device), ids)[0, :-1].float()
+        sums.append(float(F.cross_entropy(logits, ids[1:], reduction="sum", ).double()))
+    model.to(cpu)
+    return torch.tensor(sums, dtype=torch.float64)
+
+
+@torch.no_grad()
+def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, batch_size: int = 1, device: torch.device | str = "cpu", progress: bool = True,
+                      desc: str = "perplexity", mode: str = "auto") -> dict:
+    """Perplexity of a 1-D token stream, with every knob and count recorded (``mode``: :func:`choose_mode`)."""
     device = torch.device(device)
     total_windows = ids.numel() // seqlen
     if total_windows == 0:
@@ -86,18 +152,22 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_windows: int | 
     windows = ids[: nwin * seqlen].view(nwin, seqlen)
     was_training = model.training
     model.eval()
-    model.to(device)
+    mode = choose_mode(model, device, mode)
     t0 = time.perf_counter()
     sums = []
-    bar = tqdm(total=nwin, desc=desc, disable=not progress, unit="win")
-    for b in range(0, nwin, batch_size):
-        nll = window_nll(model, windows[b : b + batch_size], device)
-        for j, v in enumerate(nll.tolist()):
-            if not math.isfinite(v):
-                raise CapllmError(f"non-finite loss in evaluation window {b + j} (tokens {(b + j) * seqlen}–{(b + j + 1) * seqlen - 1}): the model produces NaN/Inf")
-        sums.extend(nll.tolist())
-        bar.update(len(nll))
-    bar.close()
+    if mode == "blockwise":
+        sums = blockwise_window_nll(model, windows, device, torch.bfloat16 if device.type == "cuda" else torch.float32, progress, desc).tolist()
+    else:
+        model.to(device)
+        bar = tqdm(total=nwin, desc=desc, disable=not progress, unit="win")
+        for b in range(0, nwin, batch_size):
+            nll = window_nll(model, windows[b : b + batch_size], device)
+            sums.extend(nll.tolist())
+            bar.update(len(nll))
+        bar.close()
+    for j, v in enumerate(sums):
+        if not math.isfinite(v):
+            raise CapllmError(f"non-finite loss in evaluation window {j} (tokens {j * seqlen}–{(j + 1) * seqlen - 1}): the model produces NaN/Inf")
     model.train(was_training)
     predicted = nwin * (seqlen - 1)
     mean_nll = math.fsum(sums) / predicted
@@ -111,6 +181,7 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_windows: int | 
         "tail_tokens_unscored": ids.numel() - total_windows * seqlen,
         "mean_nll": mean_nll,
         "value": math.exp(mean_nll),
+        "mode": mode,
         "time_s": round(time.perf_counter() - t0, 3),
     }
 
@@ -120,5 +191,5 @@ def evaluate_perplexity(model, tokenizer, cfg: PerplexityConfig = PerplexityConf
     source = source or load_text(cfg.dataset, cfg.split, cfg.data_dir, purpose="eval")
     ids = tokenize_text(tokenizer, source.text)
     seqlen = resolve_seqlen(model, cfg.seqlen)
-    res = perplexity_of_ids(model, ids, seqlen, cfg.max_windows, cfg.batch_size, device, progress, desc=f"ppl {source.name}")
+    res = perplexity_of_ids(model, ids, seqlen, cfg.max_windows, cfg.batch_size, device, progress, desc=f"ppl {source.name}", mode=cfg.mode)
     return {"dataset": source.name, "split": source.split, "origin": source.origin, "bos": describe_bos(tokenizer, ids), **res}
