@@ -76,9 +76,16 @@ def summary_table(result: dict[str, Any]) -> str:
             rows.append((label, f"{block['value']:.3f}  [{block['dataset']}:{block['split']}, {block['windows']}×{block['seqlen']} tok, {block['tokens']:,} predicted]" + (" (cached)" if block.get("cached") else "")))
     if dense and comp:
         rows.append(("perplexity ratio", f"{comp['value'] / dense['value']:.3f}× dense"))
+    peaks = result.get("peak_by_stage") or {}
+    rss, gpu = peaks.get("rss_mb", {}), peaks.get("gpu_mb", {})
     for stage, secs in result["time_s"].items():
-        rows.append((f"time: {stage}", f"{secs:.1f} s"))
-    rows.append(("peak memory (RSS)", f"{result['peak_rss_mb']:.0f} MiB"))
+        mem = ""
+        if stage in rss:
+            mem = f"   peak RSS so far {rss[stage]:,.0f} MiB" + (f", GPU {gpu[stage]:,.0f} MiB" if stage in gpu else "")
+        rows.append((f"time: {stage}", f"{secs:.1f} s{mem}"))
+    rows.append(("peak memory (RSS)", f"{result['peak_rss_mb']:.0f} MiB" + (f"; GPU {result['peak_cuda_mb']:.0f} MiB" if result.get("peak_cuda_mb") else "")))
+    if result.get("attempts", 1) > 1:
+        rows.append(("resumed", f"finished on attempt {result['attempts']} (times add up the attempts)"))
     if result.get("out_dir"):
         rows.append(("written to", result["out_dir"]))
     w = max(len(k) for k, _ in rows)

@@ -53,7 +53,6 @@ def run(a) -> int:
 
         calib = load_calibration(tok, CalibrationConfig(a.calib, a.nsamples, a.seqlen, a.seed, a.data_dir))
         stats = collect_input_stats(model, calib.windows, device, progress=not a.quiet)
-        model.to("cpu")
         scale_info = {"statistic": "sqrt(E[x^2])", "calibration": calib.describe()}
     man = decompose_model(model, cfg, a.out, stats=stats, progress=not a.quiet, device=device, batch=a.batch, workers=a.workers, scale_info=scale_info)
     mats = man["matrices"].values()

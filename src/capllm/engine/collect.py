@@ -1,41 +1,73 @@
-"""Input statistics of every decoder linear from one pass of the *dense* model.
+"""Input statistics of every decoder linear from the *dense* model, block by block.
 
-Unlike :func:`capllm.engine.layerwise.run_layerwise` (which re-runs each block after compressing
-it), this runs the unmodified model on the calibration windows with a forward hook on every
-linear and accumulates :class:`~capllm.engine.stats.InputStats` (``E[x²]`` by default). Stage 1
-of CAP uses it for activation-aware RPCA (``W·diag(sqrt(E x_j²))``); every matrix sees the
-dense model's activations.
+A statistics-only pass of :func:`capllm.engine.layerwise.run_layerwise`: each block runs on the
+dense model's inputs to it with a hook on every linear that accumulates
+:class:`~capllm.engine.stats.InputStats` (``E[x²]`` by default); nothing is written into the
+model. Only one block is on the device at a time. ``capllm decompose --act-aware`` uses it for
+activation-aware robust PCA (``W·diag(sqrt(E x_j²))``). Asking for ``gram=True`` here keeps
+every linear's Gram — small models only; CAP itself reduces each block's Grams as it goes
+(:mod:`capllm.allocate.stage1`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from capllm.engine.stats import InputStats
-from capllm.models.layers import find_linears
+
+
+class _Accumulate:
+    def __init__(self, stats: InputStats) -> None:
+        self.stats = stats
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        self.stats.add_batch(inp)
+
+
+class _StatsPass:
+    name = "input-statistics"
+    needs_calibration = True
+    modifies_weights = False
+
+    def __init__(self, device: torch.device, stats_kwargs: dict) -> None:
+        self.device, self.kwargs = device, stats_kwargs
+        self.stats: dict[str, InputStats] = {}
+
+    def layer_compressor(self, handle):
+        st = InputStats(handle.shape[1], self.device, **self.kwargs)
+        self.stats[handle.name] = st
+        return _Accumulate(st)
+
+    def finish_block(self, ctx, index, handles, comps) -> dict:
+        for h in handles:  # keep the statistics on the CPU, not on the device
+            st = self.stats[h.name]
+            for attr in ("sq", "abs", "gram"):
+                t = getattr(st, attr)
+                if t is not None:
+                    setattr(st, attr, t.cpu())
+        return {}
 
 
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, windows: torch.Tensor, device: torch.device | str = "cpu", progress: bool = False, **stats_kwargs) -> dict[str, InputStats]:
-    """``{linear name: InputStats}`` over all tokens of ``windows (nsamples, seqlen)``.
+    """``{linear name: InputStats}`` (on the CPU) over all tokens of ``windows (nsamples, seqlen)``.
 
     ``stats_kwargs`` go to :class:`InputStats` (``sq=True`` by default; ``abs_mean``, ``gram``).
-    The model is moved to ``device`` and left there.
     """
+    from capllm.data.calibration import CalibrationSet
+    from capllm.data.sources import TextSource
+    from capllm.engine.context import CompressionContext
+    from capllm.engine.layerwise import run_layerwise
+
     device = torch.device(device)
-    model.to(device)
-    handles = find_linears(model)
-    stats = {h.name: InputStats(h.shape[1], device, **stats_kwargs) for h in handles}
-    hooks = [h.module.register_forward_hook(lambda mod, inp, out, s=stats[h.name]: s.add_batch(inp[0].detach())) for h in handles]
+    calib = CalibrationSet(windows, TextSource("windows", "given", "", "in-memory", 0), 0)
+    ctx = CompressionContext(model, calib, device, progress=progress)
     was_training = model.training
     model.eval()
+    stats_pass = _StatsPass(device, stats_kwargs)
     try:
-        for w in tqdm(windows, desc="calibration pass", disable=not progress, unit="win"):
-            model(w.unsqueeze(0).to(device), use_cache=False)
+        run_layerwise(ctx, stats_pass, desc="calibration statistics: blocks")
     finally:
-        for hk in hooks:
-            hk.remove()
         model.train(was_training)
-    return stats
+    return {h.name: stats_pass.stats[h.name] for h in ctx.linears}
