@@ -53,7 +53,8 @@ def run_cell(model, method, ratio, data_dir, extra, results_dir: Path, force: bo
         cmd = cell_command(model, method, ratio, out, data_dir, extra)
         print(f"[run] {shlex.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lock = os.environ.get("CAPLLM_HEAVY_LOCK")  # one heavy job at a time on a shared machine
+        proc = subprocess.run((["flock", lock] if lock else []) + cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{tag} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         res = json.loads((out / "result.json").read_text())
@@ -102,8 +103,9 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="extra flags passed to every cell, e.g. \"--option iters=10\"")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--table", default=None, help="write the markdown table here (default: results/<model>/table.md)")
+    ap.add_argument("--results-dir", default=None, help="cell JSONs go here (default benchmarks/results/<model>)")
     a = ap.parse_args()
-    results_dir = HERE / "results" / a.model
+    results_dir = Path(a.results_dir) if a.results_dir else HERE / "results" / a.model
     extra = shlex.split(a.extra)
     rows = []
     for method in a.methods.split(","):
