@@ -115,8 +115,8 @@ class Stage1Pass:
         if self.o.act_aware:
             scales = {k: (A.diagonal() if A.dim() == 2 else A).clamp_min(0).sqrt() for k, A in moments.items()}
         with self.timer.stage("stage1_rpca"):
-            decompose_model(ctx.model, self.cfg, self.out_dir, col_scales=scales, progress=False, device=ctx.device, names=[h.name for h in handles],
-                            scale_info={"statistic": "sqrt(E[x^2])", "calibration": ctx.calibration.describe()} if scales is not None else None)
+            # (the calibration is in the cache's fingerprint; the manifest reads as earlier versions wrote it)
+            decompose_model(ctx.model, self.cfg, self.out_dir, col_scales=scales, progress=False, device=ctx.device, names=[h.name for h in handles])
         stats = {}
         for h in handles:
             V = load_decomposition(self.out_dir, h.name).V

@@ -124,7 +124,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, log=print) -> str:
         _clean_cell(cells_dir, cell)
         log(f"[run]  {cell.name}: {shlex.join(cmd)}")
         t0 = time.time()
-        with open(logs / f"{cell.name}.log", "w") as fh:
+        with open(logs / f"{cell.name}.log", "a") as fh:  # a resumed cell keeps the log of its earlier attempts
             fh.write(f"$ {shlex.join(cmd)}\n")
             fh.flush()
             proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
