@@ -189,6 +189,8 @@ def saved(tmp_path_factory):
     cases = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threading only costs on a shared 2-core machine
+    mp = pytest.MonkeyPatch()  # a module fixture runs outside the per-test cache isolation
+    mp.setenv("CAPLLM_CACHE", str(root / "capllm-cache"))
     try:
         for arch, family in CASES:
             model, ctx = _compress(arch, family)
@@ -199,6 +201,7 @@ def saved(tmp_path_factory):
             cases[(arch, family)] = {"dir": d, "logits": logits, "storage": storage, "records": dict(ctx.records), "model": model}
     finally:
         torch.set_num_threads(threads)
+        mp.undo()
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_MODULES_CACHE": str(root / "hf-modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _FRESH, json.dumps(IDS.tolist()), *[str(c["dir"]) for c in cases.values()]], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
