@@ -71,3 +71,30 @@ def _same(a, b):
     from capllm.engine.capture import _same as same
 
     return same(a, b)
+
+
+def test_releasing_checkpoint_pages_never_changes_the_model(tiny_model_dir, tmp_path, one_thread):
+    """Replaced weights of a memory-mapped checkpoint give their pages back (madvise); a model
+    loaded from the file and the same model held in ordinary memory compress to the same logits."""
+    import copy
+
+    import capllm
+    from capllm.data.calibration import CalibrationConfig
+    from capllm.utils import _checkpoint_maps
+    from conftest import TEXT
+
+    mapped, tok = capllm.load_model(str(tiny_model_dir))
+    assert _checkpoint_maps()  # transformers maps the safetensors file
+    plain = copy.deepcopy(mapped)
+    for p in plain.parameters():
+        p.data = p.data.clone()
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    cfg = capllm.CompressConfig(method="cap", ratio=0.5, calibration=CalibrationConfig(str(text), 3, 24, 0), device="cpu", progress=False,
+                                options=(("rpca_max_iter", 6), ("stage1_dir", str(tmp_path / "s1"))))
+    capllm.compress(mapped, tok, cfg)
+    capllm.compress(plain, tok, cfg)
+    ids = torch.randint(0, len(tok), (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(mapped(ids).logits, plain(ids).logits)
+    assert any(type(m).__name__ == "LowRankSparseLinear" for m in mapped.modules())  # the replacing path ran

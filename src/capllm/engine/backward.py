@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from capllm.engine.capture import BlockInputs, cast_floats, stored_dtype
+from capllm.engine.capture import BlockInputs, block_to, cast_floats, stored_dtype
 from capllm.engine.head import Head
 from capllm.models.layers import LinearHandle, find_decoder_blocks, find_linears
 
@@ -165,11 +165,11 @@ def blockwise_output_grad_sq(
         for i in tqdm(range(state.block, -1, -1), desc="CAP fisher: backward blocks", unit="block", disable=not progress):
             block = blocks[i]
             home, home_dtype = next(block.parameters()).device, stored_dtype(block)
-            block.to(device, compute_dtype)  # computed in compute_dtype, kept in the dtype it is stored in
+            block_to(block, device, compute_dtype)  # computed in compute_dtype, kept in the dtype it is stored in
             try:
                 delta, sums = _block_vjp(block, block_inputs(i), state.delta, by_block.get(i, []), device, compute_dtype)
             finally:
-                block.to(home, home_dtype)
+                block_to(block, home, home_dtype)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             state = BackwardState(i - 1, delta, {**state.sums, **sums}, state.loss)

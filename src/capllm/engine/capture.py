@@ -53,6 +53,18 @@ def stored_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def block_to(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``block.to(device, dtype)``; when that makes new tensors, the pages the old ones held in
+    the checkpoint's memory map are released (:func:`capllm.utils.release_host_pages`), so a
+    block's round trip through the device never leaves two host copies of its weights."""
+    from capllm.utils import release_host_pages
+
+    old = [p.data for p in block.parameters() if p.device.type == "cpu" and (torch.device(device).type != "cpu" or (p.is_floating_point() and p.dtype != dtype))]
+    block.to(device, dtype)
+    if old:
+        release_host_pages(old)
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)

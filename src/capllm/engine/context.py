@@ -20,7 +20,7 @@ from capllm.data.calibration import CalibrationSet
 from capllm.format.modules import LowRankSparseLinear
 from capllm.methods.base import CompressedWeight
 from capllm.models.layers import LinearHandle, find_linears
-from capllm.utils import StageTimer
+from capllm.utils import StageTimer, release_host_pages
 
 
 def default_compute_dtype(device) -> torch.dtype:
@@ -82,13 +82,16 @@ class CompressionContext:
             handle.set_weight(cw.S)
         else:
             bias = handle.bias.data if handle.bias is not None else None
-            dev, dt = handle.module.weight.device, handle.module.weight.dtype
+            old = handle.module.weight
+            dev, dt = old.device, old.dtype
             new = LowRankSparseLinear.from_factors(
                 cw.U.to(dev, dt), cw.V.to(dev, dt), None if cw.S is None else cw.S.to(dev, dt), bias
             )
             parent_name, _, child = handle.name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, new)
             handle.module = new
+            release_host_pages([old.data])  # the dense weight's pages of the checkpoint map
+            del old
         if record:
             self.records[handle.name] = LayerRecord(handle.name, (m, n), cw.kept_params(), cw.rank, cw.nnz, dict(cw.info))
 

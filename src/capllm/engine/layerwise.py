@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from capllm.engine.capture import capture_block_inputs, cast_floats, stored_dtype
+from capllm.engine.capture import block_to, capture_block_inputs, cast_floats, stored_dtype
 from capllm.errors import CapllmError
 from capllm.models.layers import find_decoder_blocks
 
@@ -142,7 +142,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
     for i in range(start, len(blocks)):
         block = blocks[i]
         keep_dtype = stored_dtype(block)
-        block.to(device, compute)
+        block_to(block, device, compute)
         args, kwargs = inputs.per_block[i]
         if on_block_inputs is not None:
             on_block_inputs(i, inputs.hidden)
@@ -172,7 +172,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
                 out = _block_output(block(inputs.hidden[s].to(device), *cast_floats(args[s], device, compute), **cast_floats(kwargs[s], device, compute)))
                 _check_finite(out, f"block {i}")
                 outs.append(out.to(storage))
-        block.to(storage, keep_dtype)
+        block_to(block, storage, keep_dtype)
         inputs.hidden = outs
         if on_block_inputs is not None and i == len(blocks) - 1:
             on_block_inputs(len(blocks), inputs.hidden)

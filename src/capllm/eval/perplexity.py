@@ -110,7 +110,7 @@ def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, com
     the last block's outputs (:class:`capllm.engine.head.Head`). The same function as the whole
     model's forward, in bounded memory.
     """
-    from capllm.engine.capture import capture_block_inputs, cast_floats, stored_dtype
+    from capllm.engine.capture import block_to, capture_block_inputs, cast_floats, stored_dtype
     from capllm.engine.head import Head
     from capllm.engine.layerwise import place_outside_blocks
     from capllm.models.layers import find_decoder_blocks
@@ -122,14 +122,14 @@ def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, com
     hidden = [h.to(compute_dtype) for h in captured.hidden]
     for i, block in enumerate(tqdm(blocks, desc=f"{desc}: blocks", disable=not progress, unit="block")):
         keep = stored_dtype(block)
-        block.to(device, compute_dtype)
+        block_to(block, device, compute_dtype)
         args, kwargs = captured.per_block[i]
         nxt = []
         for s, h in enumerate(hidden):
             out = block(h.to(device), *cast_floats(args[s], device, compute_dtype), **cast_floats(kwargs[s], device, compute_dtype))
             nxt.append((out[0] if isinstance(out, (tuple, list)) else out).to(cpu))
         hidden = nxt
-        block.to(cpu, keep)
+        block_to(block, cpu, keep)
     head = Head(model, device)
     sums = [float(head.loss(h.to(device), windows[s], chunk=128).double()) for s, h in enumerate(hidden)]  # 128 tokens' logits at a time
     model.to(cpu)
