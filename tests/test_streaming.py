@@ -98,3 +98,19 @@ def test_releasing_checkpoint_pages_never_changes_the_model(tiny_model_dir, tmp_
     with torch.no_grad():
         assert torch.equal(mapped(ids).logits, plain(ids).logits)
     assert any(type(m).__name__ == "LowRankSparseLinear" for m in mapped.modules())  # the replacing path ran
+
+
+def test_clean_release_keeps_written_weights(tiny_model_dir, one_thread):
+    """``clean_only`` drops the mapped pages of weights that were only read — a later read
+    gives the file's bytes, the same — and never those written since loading."""
+    import capllm
+    from capllm.utils import release_host_pages
+
+    model, _ = capllm.load_model(str(tiny_model_dir))
+    ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    before = [w.detach().clone() for w in ws]
+    with torch.no_grad():
+        ws[0][0, :4] += 1.0
+        before[0][0, :4] += 1.0
+    release_host_pages([w.data for w in ws], clean_only=True)
+    assert all(torch.equal(w, b) for w, b in zip(ws, before))

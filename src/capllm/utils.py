@@ -35,15 +35,22 @@ def tune_malloc(mmap_threshold: int = 128 * 1024, trim_threshold: int = 1 << 20)
         return False
 
 
-def release_host_pages(tensors) -> int:
-    """Give the memory of CPU tensors that are no longer used back to the OS; returns bytes.
+def release_host_pages(tensors, clean_only: bool = False) -> int:
+    """Give the memory of CPU tensors over a mapped checkpoint back to the OS; returns bytes.
 
     A checkpoint loaded from safetensors is a private memory map of the file: pages that were
-    read stay resident (and count in RSS) after the tensor over them is replaced — by a
-    compressed module, or by a copy on the GPU — because the mapping itself lives on while
-    other tensors use it. ``madvise(MADV_DONTNEED)`` on the whole pages inside each tensor's
-    bytes drops them (a later read would see the file again, so call this only on tensors
-    nothing refers to any more). No-op off Linux.
+    read stay resident (and count in RSS) as long as the mapping lives, even when no tensor
+    needs them any more. ``madvise(MADV_DONTNEED)`` drops the whole pages inside each tensor's
+    bytes; a later read of a dropped page faults it in from the file again.
+
+    * ``clean_only=False``: the tensors are no longer used (replaced by a compressed module, or
+      copied to the device) — every page goes.
+    * ``clean_only=True``: the tensors are still in use; a tensor's pages are dropped only if
+      none of them was ever written (all resident pages are still the file's, by
+      ``/proc/self/pagemap``), so reading it again gives the same bytes. This is what keeps a
+      pass over the *dense* model at one block in memory.
+
+    Only file-backed ``.safetensors`` mappings are touched; no-op off Linux.
     """
     try:
         import ctypes
@@ -64,9 +71,27 @@ def release_host_pages(tensors) -> int:
             continue
         end = start + t.numel() * t.element_size()
         a, b = -(-start // page) * page, (end // page) * page
-        if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_DONTNEED) == 0:
+        if b <= a or (clean_only and not _unwritten(a, b, page)):
+            continue
+        if libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_DONTNEED) == 0:
             freed += b - a
     return freed
+
+
+def _unwritten(a: int, b: int, page: int) -> bool:
+    """Whether every resident page in ``[a, b)`` is still a page of the mapped file (none was
+    copied on write). ``/proc/self/pagemap``: bit 63 present, bit 61 file page."""
+    import numpy as np
+
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek((a // page) * 8)
+            entries = np.frombuffer(f.read(((b - a) // page) * 8), dtype=np.uint64)
+    except OSError:
+        return False
+    present = (entries >> np.uint64(63)) & np.uint64(1)
+    file_page = (entries >> np.uint64(61)) & np.uint64(1)
+    return not bool(np.any((present == 1) & (file_page == 0)))
 
 
 def _checkpoint_maps() -> list[tuple[int, int]]:

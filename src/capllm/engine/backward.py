@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from capllm.engine.capture import BlockInputs, block_to, cast_floats, stored_dtype
+from capllm.engine.capture import BlockInputs, block_to, cast_floats, release_block, stored_dtype
 from capllm.engine.head import Head
 from capllm.models.layers import LinearHandle, find_decoder_blocks, find_linears
 
@@ -170,6 +170,7 @@ def blockwise_output_grad_sq(
                 delta, sums = _block_vjp(block, block_inputs(i), state.delta, by_block.get(i, []), device, compute_dtype)
             finally:
                 block_to(block, home, home_dtype)
+                release_block(block)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             state = BackwardState(i - 1, delta, {**state.sums, **sums}, state.loss)

@@ -65,6 +65,14 @@ def block_to(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None
         release_host_pages(old)
 
 
+def release_block(block: nn.Module) -> int:
+    """After a pass is done with a block: drop its checkpoint pages that were only read (they
+    come back from the file if needed again), so a pass over the model holds one block."""
+    from capllm.utils import release_host_pages
+
+    return release_host_pages([p.data for p in block.parameters()], clean_only=True)
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)

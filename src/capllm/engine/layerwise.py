@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from capllm.engine.capture import block_to, capture_block_inputs, cast_floats, stored_dtype
+from capllm.engine.capture import block_to, capture_block_inputs, cast_floats, release_block, stored_dtype
 from capllm.errors import CapllmError
 from capllm.models.layers import find_decoder_blocks
 
@@ -173,6 +173,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
                 _check_finite(out, f"block {i}")
                 outs.append(out.to(storage))
         block_to(block, storage, keep_dtype)
+        release_block(block)
         inputs.hidden = outs
         if on_block_inputs is not None and i == len(blocks) - 1:
             on_block_inputs(len(blocks), inputs.hidden)

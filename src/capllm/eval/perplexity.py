@@ -110,7 +110,7 @@ def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, com
     the last block's outputs (:class:`capllm.engine.head.Head`). The same function as the whole
     model's forward, in bounded memory.
     """
-    from capllm.engine.capture import block_to, capture_block_inputs, cast_floats, stored_dtype
+    from capllm.engine.capture import block_to, capture_block_inputs, cast_floats, release_block, stored_dtype
     from capllm.engine.head import Head
     from capllm.engine.layerwise import place_outside_blocks
     from capllm.models.layers import find_decoder_blocks
@@ -130,6 +130,7 @@ def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, com
             nxt.append((out[0] if isinstance(out, (tuple, list)) else out).to(cpu))
         hidden = nxt
         block_to(block, cpu, keep)
+        release_block(block)
     head = Head(model, device)
     sums = [float(head.loss(h.to(device), windows[s], chunk=128).double()) for s, h in enumerate(hidden)]  # 128 tokens' logits at a time
     model.to(cpu)
