@@ -332,7 +332,7 @@ def cmd_measure(a) -> None:
 def load_cells(d: Path) -> list[dict]:
     skip = {"scale.json", "fit.json"}
     return [json.loads(p.read_text()) for p in sorted(Path(d).glob("*.json")) if p.name not in skip and not p.name.endswith(".failed.json")
-            and not p.name.startswith("probe")]
+            and not p.name.startswith(("probe", "kill-resume"))]
 
 
 def cmd_summary(a) -> None:
