@@ -114,3 +114,22 @@ def test_clean_release_keeps_written_weights(tiny_model_dir, one_thread):
         before[0][0, :4] += 1.0
     release_host_pages([w.data for w in ws], clean_only=True)
     assert all(torch.equal(w, b) for w, b in zip(ws, before))
+
+
+def test_blocks_are_found_when_block_0_is_all_low_rank(one_thread):
+    """After compression block 0 may hold no plain linear at all (every matrix low-rank +
+    sparse); the decoder stack must still be found, e.g. by the block-wise evaluator."""
+    from capllm.engine.context import CompressionContext
+    from capllm.methods.base import CompressedWeight
+    from capllm.models.layers import find_decoder_blocks
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    ctx = CompressionContext(model, None, torch.device("cpu"), progress=False)
+    for h in [h for h in ctx.linears if h.block_index == 0]:
+        m, n = h.shape
+        ctx.apply(h, CompressedWeight(S=h.weight_copy(), U=torch.zeros(m, 1), V=torch.zeros(n, 1)))
+    path, blocks = find_decoder_blocks(model)
+    assert path == "model.layers" and len(blocks) == 2
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0))
+    assert perplexity_of_ids(model, ids, 20, device="cpu", progress=False)["mode"] == "blockwise"

@@ -90,7 +90,7 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if want is not None and len(mod) != want:
             continue
-        if not any(is_linear(m) for m in mod[0].modules()):
+        if not any(is_linear(m) or type(m).__name__ == "LowRankSparseLinear" for m in mod[0].modules()):  # compressed blocks too
             continue
         size = sum(p.numel() for p in mod.parameters())
         if best is None or size > best[0]:
