@@ -145,3 +145,15 @@ def test_layerwise_method_resumes_too(setup, tmp_path, monkeypatch):
     assert _numbers(out) == _numbers(ref)
     a, b = _tensors(out), _tensors(ref)
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_resume_dir_alone_continues_the_run(setup, tmp_path, monkeypatch):
+    """``capllm compress --resume OUT`` needs nothing else: it continues with the interrupted
+    run's own arguments and gives the same result."""
+    root, ref = setup
+    monkeypatch.setenv("CAPLLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert _run_child(_args(root / "model", root / "text.txt", out), KILLS["refit"]) == 137
+    assert _run_child(["compress", "--resume", str(out), "--quiet"], None) == 0
+    assert _numbers(out) == _numbers(ref)
+    assert main(["compress", "--resume", str(tmp_path / "nothing")]) != 0

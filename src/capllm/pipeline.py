@@ -157,6 +157,7 @@ class JobConfig:
     zeroshot: Any = None  # capllm.eval.zeroshot.ZeroShotConfig: zero-shot of the compressed model (in memory)
     generation: Any = None  # capllm.eval.generation.GenerationConfig: long-form check against the dense model
     plot: bool = False  # write allocation.png (methods that report an allocation)
+    arguments: dict | None = None  # the CLI arguments, kept in the work directory for --resume (not compared)
 
 
 def default_out_dir(model: str, method: str, ratio: float) -> Path:
@@ -188,7 +189,7 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
     if out.exists():
         raise CapllmError(f"output directory {out} already exists: choose another --out or remove it")
     device = resolve_device(job.compress.device)
-    work, state = open_work_dir(work_dir_for(out), job_fingerprint(job), log)
+    work, state = open_work_dir(work_dir_for(out), job_fingerprint(job), log, arguments=job.arguments)
     resumed = state is not None
     state = dict(state or {})
     state["attempts"] = state.get("attempts", 0) + 1

@@ -41,7 +41,7 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else f"{path}: {a!r} there vs {b!r} now"
 
 
-def open_work_dir(path: Path, fingerprint: dict, log=None) -> tuple[Path, dict | None]:
+def open_work_dir(path: Path, fingerprint: dict, log=None, arguments: dict | None = None) -> tuple[Path, dict | None]:
     """Create ``path`` for a new run, or reopen it for a resume; returns ``(path, state)`` where
     ``state`` is what the interrupted run recorded (``None`` for a new run)."""
     path = Path(path)
@@ -58,7 +58,7 @@ def open_work_dir(path: Path, fingerprint: dict, log=None) -> tuple[Path, dict |
             log(f"capllm: resuming the interrupted run in {path}")
         return path, old.get("state") or {}
     path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(job, {"fingerprint": fingerprint, "state": {}})
+    write_json_atomic(job, {"fingerprint": fingerprint, "arguments": arguments, "state": {}})
     return path, None
 
 

@@ -54,8 +54,18 @@ def run(a) -> int:
 
         if a.out and Path(a.out) != Path(a.resume):
             raise CapllmError(f"--resume {a.resume} and --out {a.out} differ: give one of them")
-        if not work_dir_for(a.resume).is_dir():
-            raise CapllmError(f"--resume {a.resume}: no interrupted run there ({work_dir_for(a.resume)} does not exist)")
+        job_file = work_dir_for(a.resume) / "job.json"
+        if not job_file.is_file():
+            raise CapllmError(f"--resume {a.resume}: no interrupted run there ({job_file} does not exist)")
+        import json
+
+        try:
+            saved = json.loads(job_file.read_text()).get("arguments") or {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CapllmError(f"--resume {a.resume}: {job_file} is unreadable ({exc}); run the original command again instead") from exc
+        for k, v in saved.items():  # the interrupted run's own arguments (progress bars as asked now)
+            if k not in ("quiet", "resume", "out", "func", "cmd"):
+                setattr(a, k, v)
         a.out = a.resume
     job = JobConfig(
         model=a.model,
@@ -72,6 +82,7 @@ def run(a) -> int:
         zeroshot=zeroshot_config(a),
         generation=generation_config(a),
         plot=a.plot,
+        arguments={k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
     )
     result = run_compress_job(job, log=lambda s: print(s, file=sys.stderr))
     print(summary_table(result))
