@@ -1,0 +1,275 @@
+"""One CAP-family run over the per-model files of a :class:`~capllm.allocate.store.CapStore`.
+
+:class:`CapRun` strings CAP's stages together — each an engine pass or a sweep over per-matrix
+files, each resumable (see :mod:`capllm.methods.cap` for the method and its options):
+
+* :meth:`CapRun.stage1` — statistics and robust PCA, block by block (:mod:`capllm.allocate.stage1`);
+* :meth:`CapRun.fisher` — output-gradient moments by the block-wise backward pass;
+* :meth:`CapRun.scores` — the key (importance per parameter) of every candidate, one file per matrix;
+* :meth:`CapRun.select` / :meth:`CapRun.select_per_matrix` / :meth:`CapRun.select_split` — the final
+  mask of ``cap`` / ``cap-uniform`` / ``rpca-threshold`` (:mod:`capllm.allocate.select`);
+* :meth:`CapRun.apply` — write the chosen factors and entries, with the OBS refit block by block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from capllm.allocate.final_mask import greedy_fill
+from capllm.allocate.pools import CandidatePools, MatrixPool
+from capllm.allocate.refit import Decision, refit_layerwise
+from capllm.allocate.scores import matrix_costs, matrix_importance
+from capllm.allocate.select import Segment, streamed_bounded, streamed_greedy
+from capllm.allocate.stage1 import load_pool, run_stage1, run_stage1_without_data
+from capllm.allocate.store import CapStore
+from capllm.errors import CapllmError
+from capllm.methods.base import CompressedWeight
+from capllm.utils import cache_dir
+
+
+@contextlib.contextmanager
+def open_store(ctx):
+    """The run's :class:`CapStore`: in its work directory, or a temporary one (library calls)."""
+    if ctx.work_dir is not None:
+        yield CapStore(ctx.work_dir / "cap")
+        return
+    root = cache_dir() / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="cap-", dir=root))
+    saved = ctx.work_dir
+    ctx.work_dir = tmp
+    try:
+        yield CapStore(tmp / "cap")
+    finally:
+        ctx.work_dir = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CapRun:
+    """One CAP-family run over the per-model files of a :class:`CapStore` (module docstring)."""
+
+    def __init__(self, ctx, o, store: CapStore) -> None:
+        self.ctx, self.o, self.store = ctx, o, store
+        self.handles = {h.name: h for h in ctx.linears}
+        self.s1: Path | None = None
+
+    # --- stage 1 and statistics -----------------------------------------------------------------
+    def needs_stats(self) -> bool:
+        o = self.o
+        return getattr(o, "score", "magnitude") in ("activation", "fisher") or o.act_aware or self.keep_gram()
+
+    def full_gram(self) -> bool:
+        return getattr(self.o, "score", "") in ("activation", "fisher") or self.keep_gram()
+
+    def keep_gram(self) -> bool:
+        return getattr(self.o, "loss", "") == "recon" and getattr(self.o, "steps", 0) > 0
+
+    def stage1(self) -> None:
+        ctx = self.ctx
+        if not self.needs_stats():
+            self.s1 = run_stage1_without_data(ctx, self.o)
+            return
+        if ctx.calibration is None:
+            raise CapllmError("cap needs calibration data")
+        fisher = getattr(self.o, "score", "") == "fisher"
+        with ctx.timer.stage("stage1"):
+            self.s1 = run_stage1(ctx, self.o, self.store, self.full_gram(), keep_inputs=fisher and self.store.stage("fisher") is None, keep_gram=self.keep_gram())
+
+    def fisher(self) -> None:
+        """``G = E[g²]`` of every linear's output gradient, by the block-wise backward pass."""
+        from capllm.engine.backward import DiskCheckpoint, blockwise_output_grad_sq
+        from capllm.engine.capture import capture_block_inputs
+        from capllm.engine.layerwise import place_outside_blocks
+        from capllm.models.layers import find_decoder_blocks
+
+        if getattr(self.o, "score", "") != "fisher" or self.store.stage("fisher") is not None:
+            return
+        ctx, store = self.ctx, self.store
+        with ctx.timer.stage("fisher"):
+            _, blocks = find_decoder_blocks(ctx.model)
+            place_outside_blocks(ctx.model, ctx.device)
+            captured = capture_block_inputs(ctx.model, blocks, ctx.calibration.windows, ctx.device)
+            ckpt = DiskCheckpoint(store.root / "fisher-checkpoint.pt")
+            G = blockwise_output_grad_sq(ctx.model, lambda i: captured.for_block(i, store.inputs(i)), store.inputs(None), ctx.calibration.windows, ctx.device,
+                                         ctx.linears, start=ckpt.load(), on_block_done=ckpt, progress=ctx.progress, compute_dtype=ctx.compute_dtype)
+            ctx.model.to("cpu")
+            store.save_grad(G)
+            store.finish_stage("fisher")
+            store.drop_inputs()
+            (store.root / "fisher-checkpoint.pt").unlink(missing_ok=True)
+
+    # --- scores -----------------------------------------------------------------------------------
+    def pool(self, name: str) -> MatrixPool:
+        return load_pool(self.s1, name, self.handles[name].shape)
+
+    def scores(self, kind: str, normalize: str) -> None:
+        """The ranking key (importance per parameter) of every candidate, one file per matrix."""
+        ctx, store = self.ctx, self.store
+        if store.stage("scores") is not None:
+            return
+        G = store.grad() if kind == "fisher" else None
+        block_stats, block_index = None, None
+        from tqdm.auto import tqdm
+
+        with ctx.timer.stage("stage2_scores"):
+            for h in tqdm(ctx.linears, desc="CAP stage 2: scores", unit="matrix", disable=not ctx.progress):
+                if store.score_path(h.name).exists():
+                    continue
+                p = self.pool(h.name)
+                vcv = adiag = None
+                if kind in ("activation", "fisher"):
+                    if block_index != h.block_index:
+                        block_stats, block_index = store.block_stats(h.block_index), h.block_index
+                    vcv, adiag = block_stats[h.name]["vcv"], block_stats[h.name]["adiag"]
+                imp = matrix_importance(p, kind, vcv, adiag, None if G is None else G[h.name], normalize)
+                store.save_key(h.name, imp / matrix_costs(p), p.rank, p.nnz, p.direction_cost)
+            store.finish_stage("scores")
+
+    def magnitudes(self) -> None:
+        """``rpca-threshold``'s key: σ for directions, |S| for entries."""
+        store = self.store
+        if store.stage("scores") is not None:
+            return
+        for h in self.ctx.linears:
+            p = self.pool(h.name)
+            store.save_key(h.name, torch.cat([p.sigma, p.entry_values().abs()]).float(), p.rank, p.nnz, p.direction_cost)
+        store.finish_stage("scores")
+
+    # --- the pools as seen by the selection -------------------------------------------------------
+    def segments(self) -> list[Segment]:
+        segs = []
+        for h in self.ctx.linears:
+            m = self.store.key_meta(h.name)
+            segs.append(Segment(m["rank"] + m["nnz"], m["rank"], m["direction_cost"]))
+        return segs
+
+    def dense_params(self) -> int:
+        return sum(h.numel for h in self.ctx.linears)
+
+    def budget(self, ratio: float) -> int:
+        return int((1.0 - ratio) * self.dense_params())
+
+    def check_budget(self, budget: int) -> None:
+        pool_cost = sum(s.rank * s.direction_cost + s.size - s.rank for s in self.segments())
+        if pool_cost <= budget:
+            raise CapllmError(f"the Stage 1 pools cost {pool_cost:,} ≤ budget {budget:,}: nothing to choose; use a higher --ratio or a larger --option lam_scale")
+
+    def load_key(self, k: int) -> torch.Tensor:
+        return self.store.key(self.ctx.linears[k].name)
+
+    def keep_writer(self):
+        rows = {}
+
+        def store_keep(k: int, keep: torch.Tensor) -> None:
+            h = self.ctx.linears[k]
+            seg = self._segs[k]
+            r, e = int(keep[: seg.rank].sum()), int(keep[seg.rank :].sum())
+            rows[h.name] = (r, e)
+            self.store.save_keep(h.name, keep)
+
+        return rows, store_keep
+
+    def select(self, budget: int, ratio: float, spread: float) -> dict:
+        """The final mask of the global ranking (bounded per matrix when ``spread`` is finite)."""
+        store = self.store
+        if (done := store.stage("select")) is not None:
+            return done
+        self._segs = segs = self.segments()
+        rows, store_keep = self.keep_writer()
+        with self.ctx.timer.stage("stage2_final"):
+            if spread == float("inf"):
+                info = streamed_greedy(segs, self.load_key, budget, store_keep, progress=self.ctx.progress, desc="CAP stage 2: selection")
+            else:
+                keep_frac = 1.0 - ratio
+                floor = [int(h.numel * keep_frac * max(0.0, 1.0 - spread)) for h in self.ctx.linears]
+                cap = [int(h.numel * min(1.0, keep_frac * (1.0 + spread))) for h in self.ctx.linears]
+                info = streamed_bounded(segs, self.load_key, budget, floor, cap, store_keep, progress=self.ctx.progress)
+        return self._finish_select(info, rows, budget)
+
+    def select_per_matrix(self, ratio: float) -> dict:
+        """``cap-uniform``: each matrix filled greedily to its own share ``⌊(1 − ρ) m n⌋``."""
+        store = self.store
+        if (done := store.stage("select")) is not None:
+            return done
+        self._segs = segs = self.segments()
+        rows, store_keep = self.keep_writer()
+        for k, h in enumerate(self.ctx.linears):
+            key = self.load_key(k)
+            store_keep(k, greedy_fill(key, _costs(segs[k]), int((1.0 - ratio) * h.numel)))
+        return self._finish_select({}, rows, self.budget(ratio))
+
+    def select_split(self, budget: int, dir_budget: int) -> dict:
+        """``rpca-threshold``: directions by σ within ``dir_budget``, then entries by |S|."""
+        store = self.store
+        if (done := store.stage("select")) is not None:
+            return done
+        self._segs = segs = self.segments()
+        first: dict[int, torch.Tensor] = {}
+        is_dir = lambda k: torch.arange(segs[k].size) < segs[k].rank  # noqa: E731
+        info = streamed_greedy(segs, self.load_key, dir_budget, lambda k, keep: first.__setitem__(k, keep[: segs[k].rank].clone()), allowed=is_dir)
+        spent = info["spent"]
+        rows, store_keep = self.keep_writer()
+
+        def merge(k, keep):
+            keep = keep.clone()
+            keep[: segs[k].rank] |= first[k]
+            store_keep(k, keep)
+
+        streamed_greedy(segs, self.load_key, budget - spent, merge, allowed=lambda k: ~is_dir(k))
+        return self._finish_select({}, rows, budget)
+
+    def _finish_select(self, info: dict, rows: dict, budget: int) -> dict:
+        alloc, achieved = [], 0
+        for h, seg in zip(self.ctx.linears, self._segs):
+            r, e = rows[h.name]
+            kept = r * seg.direction_cost + e
+            achieved += kept
+            m, n = h.shape
+            alloc.append({"name": h.name, "shape": [m, n], "rank_pool": seg.rank, "nnz_pool": seg.size - seg.rank, "rank_kept": r, "nnz_kept": e,
+                          "kept_params": kept, "kept_fraction": round(kept / (m * n), 6), "budget_share": round(kept / budget, 6)})
+        segs = self._segs
+        out = {"budget": {"target": budget, "achieved": achieved, "slack": budget - achieved, "max_direction_cost": max(s.direction_cost for s in segs)},
+               "pools": {"matrices": len(segs), "directions": sum(s.rank for s in segs), "sparse_entries": sum(s.size - s.rank for s in segs),
+                         "pool_cost": (pc := sum(s.rank * s.direction_cost + s.size - s.rank for s in segs)),
+                         "pool_cost_over_dense": round(pc / self.dense_params(), 4)},
+               "allocation": alloc, "selection": info}
+        self.store.finish_stage("select", out)
+        return out
+
+    # --- apply --------------------------------------------------------------------------------
+    def decision(self, name: str) -> Decision:
+        p = self.pool(name)
+        U, V, S = p.compose(self.store.keep(name))
+        mask = torch.zeros(p.shape, dtype=torch.bool) if S is None else S != 0
+        return Decision(U, V, S, mask)
+
+    def apply(self, refit: str) -> None:
+        ctx = self.ctx
+        with ctx.timer.stage("refit" if refit != "none" else "apply"):
+            if refit == "obs":
+                refit_layerwise(ctx, self.decision)
+                return
+            for h in ctx.linears:
+                d = self.decision(h.name)
+                S = d.S if d.S is not None or d.U is not None else torch.zeros(d.mask.shape)
+                ctx.apply(h, CompressedWeight(S=S, mask=d.mask if S is not None else None, U=d.U, V=d.V))
+
+    # --- in memory, for the policy --------------------------------------------------------------
+    def pools_in_memory(self) -> CandidatePools:
+        return CandidatePools([self.pool(h.name) for h in self.ctx.linears])
+
+    def keys_in_memory(self) -> torch.Tensor:
+        return torch.cat([self.load_key(k) for k in range(len(self.ctx.linears))])
+
+
+def _costs(seg: Segment) -> torch.Tensor:
+    c = torch.ones(seg.size, dtype=torch.float32)
+    c[: seg.rank] = seg.direction_cost
+    return c
+
+
