@@ -87,12 +87,12 @@ def disk_estimate(model, method_name: str, nsamples: int, seqlen: int, save: str
     est = {"block_inputs": 2 * acts_block}
     is_cap = method_name.startswith("cap") or method_name == "rpca-threshold"
     if method_name != "dense":
-        est["finished_blocks"] = params * (4 + 1)  # values (fp32) + mask of every compressed linear
+        est["finished_blocks"] = int(params * (wbytes + 1 / 8))  # values (stored dtype) + bit mask of every compressed linear
     if is_cap:
         if not stage1_cached:
             est["stage1_cache"] = int(params * 4 * 1.25)
         est["cap_inputs"] = (len(blocks) + 1) * acts_block
-        est["cap_scores_and_masks"] = params * (4 + 1)
+        est["cap_scores_and_masks"] = int(params * (4 + 1 / 8))  # fp32 key + bit mask per candidate (≤ one per weight)
     if save in ("compressed", "dense"):  # a compressed model is smaller than the dense one
         est["saved_model"] = sum(p.numel() for p in model.parameters()) * wbytes
     est["total"] = sum(est.values())

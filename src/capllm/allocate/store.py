@@ -12,7 +12,7 @@ them back one matrix at a time. Layout of ``ROOT`` (``<work dir>/cap``)::
     grad.safetensors              ``<name>`` = E[g²] (m,) of every linear's output gradient
     scores/<name>.safetensors     ``key`` = importance / cost of each candidate (fp32, pool order);
                                   metadata: rank, nnz, direction_cost
-    keep/<name>.safetensors       ``keep`` (bool) — the final mask of that matrix
+    keep/<name>.safetensors       ``keep`` (packed bits) — the final mask of that matrix
     stages/<stage>.json           a finished stage and what it reported
 
 Files are written to a temporary name and renamed, so a killed run leaves only complete files
@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from capllm.engine.checkpoint import load_tensors, save_tensors_atomic
@@ -94,7 +95,9 @@ class CapStore:
         return {k: int(v) for k, v in meta.items()}
 
     def save_keep(self, name: str, keep: torch.Tensor) -> None:
-        save_tensors_atomic(self.root / "keep" / f"{name}.safetensors", {"keep": keep.to(torch.bool)})
+        bits = torch.from_numpy(np.packbits(keep.to(torch.bool).numpy()))
+        save_tensors_atomic(self.root / "keep" / f"{name}.safetensors", {"keep": bits}, {"size": str(keep.numel())})
 
     def keep(self, name: str) -> torch.Tensor:
-        return load_tensors(self.root / "keep" / f"{name}.safetensors")[0]["keep"]
+        tensors, meta = load_tensors(self.root / "keep" / f"{name}.safetensors")
+        return torch.from_numpy(np.unpackbits(tensors["keep"].numpy(), count=int(meta["size"])).astype(bool))

@@ -4,7 +4,8 @@ A pass over the decoder (:func:`capllm.engine.layerwise.run_layerwise`) finishes
 time. After block ``i`` it writes, each file to a temporary name and renamed:
 
     DIR/block_<i>.safetensors   what the pass wrote into block i: per linear ``<name>.S``,
-                                ``<name>.mask``, ``<name>.U``, ``<name>.V`` (those that exist),
+                                ``<name>.mask`` (packed bits), ``<name>.U``, ``<name>.V`` (those
+                                that exist), in the dtype the model holds the block in,
                                 its :class:`~capllm.engine.context.LayerRecord` in the metadata
     DIR/hidden_<i>.safetensors  the inputs of block ``i + 1`` for every calibration window
     DIR/state.json              ``{"done": i, ...}`` — written last; then ``hidden_<i-1>`` goes
@@ -23,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -79,15 +81,23 @@ class PassCheckpoint:
     def block_path(self, i: int) -> Path:
         return self.dir / f"block_{i:04d}.safetensors"
 
-    def save_block(self, i: int, weights: dict[str, Any], records: dict[str, dict]) -> None:
-        """``weights``: ``{linear name: CompressedWeight}`` written into block ``i``."""
-        tensors = {}
+    def save_block(self, i: int, weights: dict[str, Any], records: dict[str, dict], dtype: torch.dtype | None = None) -> None:
+        """``weights``: ``{linear name: CompressedWeight}`` written into block ``i``.
+
+        Values are kept in ``dtype`` — the dtype the model holds the block in, so restoring gives
+        the same bytes as the uninterrupted run while a bf16 model's checkpoint is half the size —
+        and masks as packed bits (row-major, ``numpy.packbits``).
+        """
+        tensors, shapes = {}, {}
         for name, cw in weights.items():
-            for part in ("S", "mask", "U", "V"):
+            for part in ("S", "U", "V"):
                 t = getattr(cw, part)
                 if t is not None:
-                    tensors[f"{name}.{part}"] = t
-        save_tensors_atomic(self.block_path(i), tensors, {"records": json.dumps(records), "names": json.dumps(list(weights))})
+                    tensors[f"{name}.{part}"] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            if cw.mask is not None:
+                tensors[f"{name}.mask"] = torch.from_numpy(np.packbits(cw.mask.cpu().numpy().reshape(-1)))
+                shapes[name] = list(cw.mask.shape)
+        save_tensors_atomic(self.block_path(i), tensors, {"records": json.dumps(records), "names": json.dumps(list(weights)), "mask_shapes": json.dumps(shapes)})
 
     def load_block(self, i: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict]]:
         """``({name: {"S"|"mask"|"U"|"V": tensor}}, {name: record dict})`` of finished block ``i``."""
@@ -96,8 +106,12 @@ class PassCheckpoint:
             raise CapllmError(f"{path} is missing although {self.state_path} says block {i} is done: remove the work directory {self.dir.parent} to start over")
         tensors, meta = load_tensors(path)
         parts: dict[str, dict[str, torch.Tensor]] = {n: {} for n in json.loads(meta.get("names", "[]"))}
+        shapes = json.loads(meta.get("mask_shapes", "{}"))
         for key, t in tensors.items():
             name, _, part = key.rpartition(".")
+            if part == "mask":
+                m, n = shapes[name]
+                t = torch.from_numpy(np.unpackbits(t.numpy(), count=m * n).astype(bool).reshape(m, n))
             parts.setdefault(name, {})[part] = t
         return parts, json.loads(meta.get("records", "{}"))
 

@@ -180,7 +180,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
         if checkpoint is not None:
             if modifies:
                 done_w = {h.name: results[h.name] for h in handles if results.get(h.name) is not None}
-                checkpoint.save_block(i, done_w, {name: ctx.records[name].as_record() for name in done_w})
+                checkpoint.save_block(i, done_w, {name: ctx.records[name].as_record() for name in done_w}, dtype=keep_dtype)
             if i + 1 < len(blocks):
                 checkpoint.save_hidden(i, inputs.hidden)
             checkpoint.mark(i, len(blocks))
