@@ -100,4 +100,6 @@ class CapStore:
 
     def keep(self, name: str) -> torch.Tensor:
         tensors, meta = load_tensors(self.root / "keep" / f"{name}.safetensors")
+        if "size" not in meta:  # written unpacked (a run started by an earlier version)
+            return tensors["keep"].to(torch.bool)
         return torch.from_numpy(np.unpackbits(tensors["keep"].numpy(), count=int(meta["size"])).astype(bool))

@@ -109,7 +109,7 @@ class PassCheckpoint:
         shapes = json.loads(meta.get("mask_shapes", "{}"))
         for key, t in tensors.items():
             name, _, part = key.rpartition(".")
-            if part == "mask":
+            if part == "mask" and name in shapes:  # packed (unpacked bool: an earlier version's checkpoint)
                 m, n = shapes[name]
                 t = torch.from_numpy(np.unpackbits(t.numpy(), count=m * n).astype(bool).reshape(m, n))
             parts.setdefault(name, {})[part] = t
