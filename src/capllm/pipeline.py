@@ -72,9 +72,14 @@ def build_method(cfg: CompressConfig):
 
 
 def check_weights_finite(model) -> None:
+    """Every weight finite; each one's read-only checkpoint pages are given back once checked
+    (reading the whole model would otherwise leave all of it resident before the first block)."""
+    from capllm.utils import release_host_pages
+
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise CapllmError(f"the model's weight {name} contains NaN or Inf: the checkpoint is corrupt")
+        release_host_pages([p.data], clean_only=True)
 
 
 def compress(model, tokenizer, cfg: CompressConfig = CompressConfig(), timer: StageTimer | None = None) -> dict[str, Any]:
