@@ -35,6 +35,16 @@ def tune_malloc(mmap_threshold: int = 128 * 1024, trim_threshold: int = 1 << 20)
         return False
 
 
+def trim_heap() -> None:
+    """``malloc_trim(0)``: return the heap's free memory to the OS (no-op off glibc)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def release_host_pages(tensors, clean_only: bool = False) -> int:
     """Give the memory of CPU tensors over a mapped checkpoint back to the OS; returns bytes.
 

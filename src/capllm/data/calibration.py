@@ -15,6 +15,7 @@ import torch
 
 from capllm.data.sources import TextSource, load_text
 from capllm.errors import CapllmError
+from capllm.utils import trim_heap
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,10 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence "sequence longer than the model maximum"
     try:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0].clone()
     finally:
         hf_logging.set_verbosity(verbosity)
+    trim_heap()  # the tokenizer's buffers for a few MB of text are hundreds of MB of freed heap
     return ids
 
 

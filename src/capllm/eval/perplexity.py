@@ -124,11 +124,9 @@ def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, com
         keep = stored_dtype(block)
         block_to(block, device, compute_dtype)
         args, kwargs = captured.per_block[i]
-        nxt = []
-        for s, h in enumerate(hidden):
-            out = block(h.to(device), *cast_floats(args[s], device, compute_dtype), **cast_floats(kwargs[s], device, compute_dtype))
-            nxt.append((out[0] if isinstance(out, (tuple, list)) else out).to(cpu))
-        hidden = nxt
+        for s in range(len(hidden)):  # in place: one window's old and new states at a time
+            out = block(hidden[s].to(device), *cast_floats(args[s], device, compute_dtype), **cast_floats(kwargs[s], device, compute_dtype))
+            hidden[s] = (out[0] if isinstance(out, (tuple, list)) else out).to(cpu)
         block_to(block, cpu, keep)
         release_block(block)
     head = Head(model, device)
