@@ -202,8 +202,6 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
     with timer.stage("load_model"):
         model, tokenizer = load_model(job.model)
     if not resumed:
-        from capllm.allocate.stage1 import Stage1Options  # noqa: F401  (the estimate's CAP part)
-
         need = disk_estimate(model, method.name, job.compress.calibration.nsamples, job.compress.calibration.seqlen, job.save, stage1_cached=False)
         state["disk_estimate_bytes"] = need
         try:

@@ -118,14 +118,20 @@ def _drop_cache(kwargs: dict) -> dict:
 _SIMPLE = (bool, int, float, str, type(None))
 
 
+def copy_simple_attributes(src: nn.Module, dst: nn.Module) -> None:
+    """Give a stand-in the plain attributes of the block it replaces, which the model may read
+    while calling its blocks (``attention_type``, ``layer_idx``, ``is_sliding``, ...)."""
+    for k, v in vars(src).items():
+        if not k.startswith("_") and k != "training" and isinstance(v, _SIMPLE):
+            setattr(dst, k, v)
+
+
 class _Recorder(nn.Module):
     """Stands in for one decoder block: records what the model calls it with, returns its input."""
 
     def __init__(self, like: nn.Module, record, last: bool) -> None:
         super().__init__()
-        for k, v in vars(like).items():  # attributes the model may read (attention_type, layer_idx, ...)
-            if not k.startswith("_") and k != "training" and isinstance(v, _SIMPLE):
-                setattr(self, k, v)
+        copy_simple_attributes(like, self)
         self._record, self._last = record, last
 
     def forward(self, *args, **kwargs):

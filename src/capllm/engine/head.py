@@ -23,20 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capllm.engine.capture import copy_simple_attributes
 from capllm.errors import CapllmError
 from capllm.models.layers import find_decoder_blocks
-
-_SIMPLE = (bool, int, float, str, type(None))
-
 
 class _Passthrough(nn.Module):
     """Stands in for one decoder block: returns its input (or the injected state), as ``kind``."""
 
     def __init__(self, like: nn.Module):
         super().__init__()
-        for k, v in vars(like).items():  # attributes the model may read (attention_type, layer_idx, ...)
-            if not k.startswith("_") and k != "training" and isinstance(v, _SIMPLE):
-                setattr(self, k, v)
+        copy_simple_attributes(like, self)
         self.inject: torch.Tensor | None = None
         self.as_tuple = False
 
