@@ -133,3 +133,38 @@ def test_blocks_are_found_when_block_0_is_all_low_rank(one_thread):
     assert path == "model.layers" and len(blocks) == 2
     ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0))
     assert perplexity_of_ids(model, ids, 20, device="cpu", progress=False)["mode"] == "blockwise"
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "cap"])
+def test_finished_blocks_live_in_their_checkpoint_files(tiny_model_dir, tmp_path, one_thread, method):
+    """With a work directory every finished block's written tensors are views of its block file's
+    memory map (the compressed model is on disk, not in anonymous memory) — and the model is the
+    same, logit for logit, as one compressed without a work directory."""
+    import capllm
+    from capllm.data.calibration import CalibrationConfig
+    from capllm.models.layers import find_linears
+    from conftest import TEXT
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    opts = (("rpca_max_iter", 6), ("stage1_dir", str(tmp_path / "s1"))) if method == "cap" else ()
+    models = {}
+    for tag, work in (("disk", tmp_path / "work"), ("ram", None)):
+        model, tok = capllm.load_model(str(tiny_model_dir))
+        cfg = capllm.CompressConfig(method=method, ratio=0.5, calibration=CalibrationConfig(str(text), 3, 24, 0), device="cpu", progress=False,
+                                    options=opts, work_dir=None if work is None else str(work))
+        capllm.compress(model, tok, cfg)
+        models[tag] = model
+    maps = {}
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and "/passes/" in parts[5] and parts[5].endswith(".safetensors"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            maps[(lo, hi)] = parts[5]
+    written = [p for h in find_linears(models["disk"]) for n, p in h.module.named_parameters() if n in ("weight", "S", "U", "V")]
+    assert written
+    homes = [next((f for (lo, hi), f in maps.items() if lo <= p.data_ptr() < hi), None) for p in written]
+    assert all(f is not None and "/block_" in f for f in homes), homes
+    ids = torch.randint(0, len(tok), (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(models["disk"](ids).logits, models["ram"](ids).logits)

@@ -14,6 +14,11 @@ so a run killed anywhere (``kill -9``, power loss) restarts after the last block
 ``state.json`` entry was written, with the same block inputs and the same weights as an
 uninterrupted run: the result is bit-identical. Block files of finished blocks are kept (they
 are the compressed blocks written out as they finish); only the newest hidden states are.
+
+Once a block file is written the model's tensors of that block are pointed at the file's memory
+map (:meth:`PassCheckpoint.map_block`, :func:`capllm.engine.layerwise.map_finished_block`): a
+finished block then occupies page cache the kernel can drop — and the engine drops it after each
+later use — instead of anonymous memory, so a compressed model never has to fit in host RAM.
 """
 
 from __future__ import annotations
@@ -114,6 +119,22 @@ class PassCheckpoint:
                 t = torch.from_numpy(np.unpackbits(t.numpy(), count=m * n).astype(bool).reshape(m, n))
             parts.setdefault(name, {})[part] = t
         return parts, json.loads(meta.get("records", "{}"))
+
+    def map_block(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        """``{name: {"S"|"U"|"V": tensor}}`` of finished block ``i`` as views of the file's
+        (private, copy-on-write) memory map — nothing is read until used; masks are left out."""
+        path = self.block_path(i)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = [k for k in f.keys() if not k.endswith(".mask")]
+                tensors = {k: f.get_tensor(k) for k in keys}
+        except Exception as exc:
+            raise CapllmError(f"{path} is unreadable ({str(exc).splitlines()[0][:120]}): remove the work directory {path.parent.parent} to start over") from exc
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            name, _, part = key.rpartition(".")
+            parts.setdefault(name, {})[part] = t
+        return parts
 
     def _hidden_path(self, i: int) -> Path:
         return self.dir / f"hidden_{i:04d}.safetensors"

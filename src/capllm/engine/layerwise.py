@@ -10,7 +10,9 @@
    the compute dtype (fp32 on a CPU, ``--dtype`` on a GPU) and cast back to the dtype it is
    stored in afterwards — the model is never held in a wider dtype than its checkpoint;
 4. with a :class:`~capllm.engine.checkpoint.PassCheckpoint` every finished block (its new
-   weights and the next block's inputs) is on disk, so a killed pass resumes after the last one.
+   weights and the next block's inputs) is on disk, so a killed pass resumes after the last one;
+   the finished block's tensors are then views of that file's memory map
+   (:func:`map_finished_block`), so the compressed model lives on disk, not in host RAM.
 
 A statistics-only pass (``modifies_weights = False``: CAP's Stage 1 statistics) writes nothing
 and feeds each block the dense outputs of the one before, from the same forward.
@@ -89,6 +91,38 @@ def _restore(ctx: "CompressionContext", handles: list, parts: dict, records: dic
         ctx.records[h.name] = LayerRecord(r["name"], tuple(r["shape"]), r["kept_params"], r["rank"], r["nnz"], r.get("info", {}))
 
 
+def map_finished_block(handles: list, parts: dict[str, dict[str, torch.Tensor]]) -> int:
+    """Point each linear's written tensors at their memory-mapped copy on disk; returns bytes moved.
+
+    ``parts`` (from :meth:`~capllm.engine.checkpoint.PassCheckpoint.map_block`) holds the same
+    bytes the module holds — the file was written from them, in the dtype the block is stored
+    in — so only where the bytes live changes: the anonymous copy is freed (or, for a weight
+    written into the input checkpoint's map, its copied-on-write pages are dropped) and the
+    mapped pages are clean page cache, given back after each later use (:func:`release_block`).
+    A tensor whose shape, dtype or device differs, and GPT-2 ``Conv1D`` weights (stored
+    transposed), stay where they are.
+    """
+    from capllm.format.modules import LowRankSparseLinear
+    from capllm.utils import release_host_pages
+
+    moved = 0
+    for h in handles:
+        mine = parts.get(h.name)
+        if not mine or h.conv1d:
+            continue
+        attrs = {"U": "U", "V": "V", "S": "S"} if isinstance(h.module, LowRankSparseLinear) else {"S": "weight"}
+        for part, attr in attrs.items():
+            p, t = getattr(h.module, attr, None), mine.get(part)
+            if p is None or t is None or p.device.type != "cpu" or p.shape != t.shape or p.dtype != t.dtype:
+                continue
+            old = p.data
+            p.data = t
+            release_host_pages([old])
+            moved += t.numel() * t.element_size()
+            del old
+    return moved
+
+
 @torch.no_grad()
 def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "PassCheckpoint | None" = None,
                   on_block_inputs: "Callable[[int, list[torch.Tensor]], None] | None" = None, desc: str | None = None) -> None:
@@ -132,6 +166,8 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
             if modifies:
                 parts, records = checkpoint.load_block(i)
                 _restore(ctx, by_block.get(i, []), parts, records)
+                del parts
+                map_finished_block(by_block.get(i, []), checkpoint.map_block(i))
         if done + 1 < len(blocks):
             inputs.hidden = checkpoint.load_hidden(done)
         start = done + 1
@@ -181,6 +217,8 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
             if modifies:
                 done_w = {h.name: results[h.name] for h in handles if results.get(h.name) is not None}
                 checkpoint.save_block(i, done_w, {name: ctx.records[name].as_record() for name in done_w}, dtype=keep_dtype)
+                del done_w, results
+                map_finished_block(handles, checkpoint.map_block(i))
             if i + 1 < len(blocks):
                 checkpoint.save_hidden(i, inputs.hidden)
             checkpoint.mark(i, len(blocks))
