@@ -283,6 +283,39 @@ def test_sharded_save_round_trips(tmp_path, saved):
         assert (model(IDS).logits - c["logits"]).abs().max() <= 1e-5
 
 
+def test_save_makes_one_shard_at_a_time(tmp_path, saved, monkeypatch):
+    """The writer never holds the whole compressed model: each shard's tensors are made just
+    before that shard is written — one ``save_file`` gets that shard's tensors only, and the
+    tensors made for a shard (packed values and bitmasks) are freed before the next is made."""
+    import gc
+    import weakref
+
+    import safetensors.torch
+
+    c = saved[("qwen2", "mixed")]
+    own = {p.untyped_storage().data_ptr() for p in c["model"].state_dict().values()}
+    calls, alive, made = [], [], []
+    real = safetensors.torch.save_file
+
+    def spy(tensors, filename, metadata=None):
+        gc.collect()
+        alive.append(sum(r() is not None for r in made))  # tensors made for earlier shards
+        calls.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        made.extend(weakref.ref(t) for t in tensors.values() if t.untyped_storage().data_ptr() not in own)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    d = tmp_path / "sharded"
+    storage = capllm.save_compressed(c["model"], d, max_shard_size=40_000)
+    largest = max(t.numel() * t.element_size() for t in c["model"].state_dict().values())
+    assert len(calls) > 2 and sum(calls) == storage["tensor_bytes"]
+    assert max(calls) <= 40_000 + largest
+    assert made and max(alive) == 0
+    model, _ = capllm.load_compressed(d)
+    with torch.no_grad():
+        assert (model(IDS).logits - c["logits"]).abs().max() <= 1e-5
+
+
 def test_dense_save_is_a_plain_checkpoint(tmp_path, saved):
     from transformers import AutoModelForCausalLM
 

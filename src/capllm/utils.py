@@ -74,7 +74,7 @@ def release_host_pages(tensors, clean_only: bool = False) -> int:
     maps = _checkpoint_maps()
     freed = 0
     for t in tensors:
-        if t is None or t.device.type != "cpu" or t.numel() == 0:
+        if t is None or t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
             continue
         start = t.data_ptr()
         if not any(lo <= start < hi for lo, hi in maps):  # only pages of a mapped checkpoint file

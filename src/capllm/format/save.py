@@ -24,11 +24,11 @@ zeros kept), for tools that know nothing of capllm.
 from __future__ import annotations
 
 import copy
-import json
+import functools
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from capllm.format import modeling_capllm
 from capllm.format.bitmask import pack_bitmask, packing_pays
 from capllm.format.modules import LowRankSparseLinear
 from capllm.models.layers import find_linears, is_linear
-from capllm.utils import _umask, atomic_dir, write_json_atomic
+from capllm.utils import _umask, atomic_dir, release_host_pages, write_json_atomic
 
 DEFAULT_SHARD_SIZE = "2GB"
 MODELING_FILE = "modeling_capllm.py"
@@ -101,27 +101,41 @@ def _module_tensors(name: str, mod: nn.Module, kind: str, shape, compressed: boo
     return out, spec
 
 
-def build_state(model: nn.Module, compressed: bool = True) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, Any]]:
-    """``(tensors to write, capllm module specs, storage accounting)`` for ``model``."""
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def plan_state(model: nn.Module, compressed: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Callable[[], dict[str, torch.Tensor]]], list[dict], dict[str, Any]]:
+    """What the checkpoint of ``model`` will hold, without holding it.
+
+    Returns ``(layout, sources, specs, storage)``: ``layout`` maps every tensor name to a meta
+    tensor of its shape and dtype (what the shard split needs); ``sources[name]()`` makes that
+    tensor — with the other tensors of its module — when its shard is written; ``specs`` are the
+    ``capllm.modules`` entries and ``storage`` the byte accounting. Each module is visited once
+    here (one module's packed tensors alive at a time), so saving needs one shard in memory,
+    never the whole compressed model.
+    """
     ref = reference_linears(model)
     names = list(ref)
     names += [n for n, mod in model.named_modules() if isinstance(mod, LowRankSparseLinear) and n not in ref]
     full = model.state_dict(keep_vars=False)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, torch.Tensor] = {}
+    sources: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
     taken = set()
     for name in names:
         taken.update(k for k in full if k.startswith(name + "."))
     for k, t in full.items():
         if k in taken or (k in tied and tied[k] in full):
             continue
-        tensors[k] = t.detach()
+        layout[k] = _meta(t)
+        sources[k] = functools.partial(lambda k, t: {k: t.detach()}, k, t)
+    del full
     specs, dec_bytes, dec_dense, index_bytes = [], 0, 0, 0
     for name in names:
         mod = model.get_submodule(name)
         kind, shape, _ = ref[name] if name in ref else ("linear", (mod.out_features, mod.in_features), False)
         out, spec = _module_tensors(name, mod, kind, shape, compressed)
-        tensors.update(out)
         itemsize = next(iter(out.values())).element_size()
         bias_n = out[f"{name}.bias"].numel() if f"{name}.bias" in out else 0
         dec_dense += (shape[0] * shape[1] + bias_n) * itemsize
@@ -130,16 +144,12 @@ def build_state(model: nn.Module, compressed: bool = True) -> tuple[dict[str, to
             specs.append(spec)
             if spec["sparse_layout"] == "bitmask":
                 index_bytes += out[f"{name}.S_bitmask"].numel()
-    # safetensors refuses tensors sharing memory: give each its own contiguous storage
-    seen = set()
-    for k, t in tensors.items():
-        t = t.contiguous()
-        if t.layout != torch.strided:
-            raise CapllmError(f"cannot save tensor {k}: layout {t.layout} (convert the model to dense execution first)")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        tensors[k] = t.clone() if key in seen else t
-        seen.add(key)
-    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        make = functools.partial(lambda *a: _module_tensors(*a)[0], name, mod, kind, shape, compressed)
+        for k, t in out.items():
+            layout[k], sources[k] = _meta(t), make
+        del out
+        release_host_pages([p.data for p in mod.parameters()], clean_only=True)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in layout.values())
     storage = {
         "decoder_bytes": dec_bytes,
         "decoder_dense_bytes": dec_dense,
@@ -149,20 +159,45 @@ def build_state(model: nn.Module, compressed: bool = True) -> tuple[dict[str, to
         "dense_tensor_bytes": tensor_bytes - dec_bytes + dec_dense,
         "counted": "decoder_* = tensors of the decoder-block linear layers (weights, factors, values, bitmasks, biases); index_overhead = the packed bitmasks",
     }
-    return tensors, specs, storage
+    return layout, sources, specs, storage
 
 
-def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
+def _write_shards(model: nn.Module, layout: dict[str, torch.Tensor], sources: dict[str, Callable], folder: Path, max_shard_size: int | str) -> None:
+    """Split ``layout`` into shards (huggingface_hub's rule) and write them one at a time, each
+    made from ``sources`` just before it is written and freed after (its mapped pages too)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(layout, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
-        save_file({k: tensors[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
+        made: dict[str, torch.Tensor] = {}
+        for k in keys:
+            if k not in made:
+                made.update(sources[k]())
+        tensors, seen = {}, set()
+        for k in keys:  # safetensors refuses tensors sharing memory: give each its own storage
+            t = made[k].contiguous()
+            if t.layout != torch.strided:
+                raise CapllmError(f"cannot save tensor {k}: layout {t.layout} (convert the model to dense execution first)")
+            ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+            tensors[k] = t.clone() if ptr in seen else t
+            seen.add(ptr)
+        save_file(tensors, str(folder / filename), metadata={"format": "pt"})
         os.chmod(folder / filename, 0o666 & ~_umask())  # safetensors writes owner-only files
+        del made, tensors
+        modules = {k.rpartition(".")[0] for k in keys}
+        release_host_pages([p.data for n in modules if _has_module(model, n) for p in model.get_submodule(n).parameters(recurse=False)], clean_only=True)
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": split.tensor_to_filename}
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in layout.values())}, "weight_map": split.tensor_to_filename}
         write_json_atomic(folder / "model.safetensors.index.json", index)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _file_records(folder: Path, skip: set[str]) -> dict[str, dict[str, Any]]:
@@ -208,9 +243,9 @@ def write_compressed(model: nn.Module, folder: str | os.PathLike, tokenizer=None
     import transformers
 
     folder = Path(folder)
-    tensors, specs, storage = build_state(model, compressed=True)
-    _write_shards(tensors, folder, max_shard_size)
-    del tensors
+    layout, sources, specs, storage = plan_state(model, compressed=True)
+    _write_shards(model, layout, sources, folder, max_shard_size)
+    del layout, sources
     arch = type(model).__name__
     remote = isinstance(getattr(transformers, arch, None), type)
     if remote:
@@ -236,9 +271,9 @@ def write_compressed(model: nn.Module, folder: str | os.PathLike, tokenizer=None
 def write_dense(model: nn.Module, folder: str | os.PathLike, tokenizer=None, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
     """Write a plain Hugging Face checkpoint (low-rank parts merged) into ``folder``."""
     folder = Path(folder)
-    tensors, _, storage = build_state(model, compressed=False)
-    _write_shards(tensors, folder, max_shard_size)
-    del tensors
+    layout, sources, _, storage = plan_state(model, compressed=False)
+    _write_shards(model, layout, sources, folder, max_shard_size)
+    del layout, sources
     _save_extras(model, folder, tokenizer)
     write_json_atomic(folder / "config.json", _config_dict(model))
     storage["total_bytes"] = _total_bytes(folder)
