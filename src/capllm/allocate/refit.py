@@ -19,7 +19,7 @@ import torch
 
 from capllm.engine.layerwise import run_layerwise
 from capllm.engine.stats import InputStats
-from capllm.methods.base import CompressedWeight
+from capllm.engine.compressed import CompressedWeight
 from capllm.solvers.obs import sparsegpt_prune
 
 

@@ -28,7 +28,7 @@ from capllm.allocate.select import Segment, streamed_bounded, streamed_greedy
 from capllm.allocate.stage1 import load_pool, run_stage1, run_stage1_without_data
 from capllm.allocate.store import CapStore
 from capllm.errors import CapllmError
-from capllm.methods.base import CompressedWeight
+from capllm.engine.compressed import CompressedWeight
 from capllm.utils import cache_dir
 
 

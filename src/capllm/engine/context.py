@@ -18,7 +18,7 @@ from torch import nn
 
 from capllm.data.calibration import CalibrationSet
 from capllm.format.modules import LowRankSparseLinear
-from capllm.methods.base import CompressedWeight
+from capllm.engine.compressed import CompressedWeight
 from capllm.models.layers import LinearHandle, find_linears
 from capllm.utils import StageTimer, release_host_pages
 

@@ -80,7 +80,7 @@ def default_finish_block(ctx: "CompressionContext", method, index: int, handles:
 
 def _restore(ctx: "CompressionContext", handles: list, parts: dict, records: dict) -> None:
     from capllm.engine.context import LayerRecord
-    from capllm.methods.base import CompressedWeight
+    from capllm.engine.compressed import CompressedWeight
 
     for h in handles:
         if h.name not in parts:

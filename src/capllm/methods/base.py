@@ -15,59 +15,18 @@ parameters, which :func:`matrix_budget` rounds down.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
+from capllm.engine.compressed import CompressedWeight  # noqa: F401  (re-exported: the result type of every method)
 from capllm.engine.stats import InputStats
 from capllm.errors import CapllmError
 
 if TYPE_CHECKING:
     from capllm.engine.context import CompressionContext
     from capllm.models.layers import LinearHandle
-
-
-@dataclass
-class CompressedWeight:
-    """``W ≈ U Vᵀ + S`` for one ``(m, n)`` matrix.
-
-    ``S`` is stored dense with zeros off its support ``mask`` (``None``: no sparse part);
-    ``U (m, r)`` and ``V (n, r)`` carry the low-rank part with σ folded in (``None``: no
-    low-rank part). ``info`` holds method-specific diagnostics (JSON-serialisable).
-    """
-
-    S: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    U: torch.Tensor | None = None
-    V: torch.Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.S is not None and self.mask is None:
-            self.mask = self.S != 0
-        if (self.U is None) != (self.V is None):
-            raise ValueError("U and V must both be given or both be None")
-
-    @property
-    def rank(self) -> int:
-        return 0 if self.U is None else self.U.shape[1]
-
-    @property
-    def nnz(self) -> int:
-        return 0 if self.mask is None else int(self.mask.sum())
-
-    def kept_params(self) -> int:
-        if self.U is not None:
-            m, n = self.U.shape[0], self.V.shape[0]
-            return self.rank * (m + n) + self.nnz
-        return self.nnz
-
-    def dense(self) -> torch.Tensor:
-        if self.U is None:
-            return self.S
-        low = self.U @ self.V.t()
-        return low if self.S is None else low + self.S
 
 
 class LayerCompressor(Protocol):
