@@ -23,6 +23,7 @@ import torch
 from capllm.data.calibration import CalibrationConfig, load_calibration
 from capllm.data.sources import load_text
 from capllm.engine.context import CompressionContext
+from capllm.engine.distributed import SINGLE, Dist
 from capllm.errors import CapllmError
 from capllm.eval.perplexity import PerplexityConfig, evaluate_perplexity
 from capllm.methods.base import Structure, get_method
@@ -82,10 +83,22 @@ def check_weights_finite(model) -> None:
         release_host_pages([p.data], clean_only=True)
 
 
-def compress(model, tokenizer, cfg: CompressConfig = CompressConfig(), timer: StageTimer | None = None) -> dict[str, Any]:
-    """Compress ``model`` in place; return the result.json fields this step knows."""
+def check_distributable(method, dist: Dist) -> None:
+    """Several processes run the layer-wise engine's methods; the global ones (CAP) not yet."""
+    from capllm.methods.base import Method
+
+    if dist.enabled and type(method).compress_model is not Method.compress_model:
+        raise CapllmError(f"method {method.name} cannot run on several processes yet (layer-wise methods can): run it without torchrun")
+
+
+def compress(model, tokenizer, cfg: CompressConfig = CompressConfig(), timer: StageTimer | None = None, dist: Dist = SINGLE) -> dict[str, Any]:
+    """Compress ``model`` in place; return the result.json fields this step knows.
+
+    ``dist``: the process group to divide the work over (:mod:`capllm.engine.distributed`);
+    every rank calls this with the same arguments and ends with the same model."""
     timer = timer or StageTimer()
     method = build_method(cfg)
+    check_distributable(method, dist)
     device = resolve_device(cfg.device)
     check_weights_finite(model)
     whole_dense = count_params(model)
@@ -96,11 +109,14 @@ def compress(model, tokenizer, cfg: CompressConfig = CompressConfig(), timer: St
     dtype = compute_dtype(cfg.dtype, device)
     with contextlib.ExitStack() as stack:
         work = cfg.work_dir
-        if work is None:  # a library call: per-model state in a temporary directory
-            root = cache_dir() / "work"
-            root.mkdir(parents=True, exist_ok=True)
-            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="run-", dir=root))
-        ctx = CompressionContext(model, calib, device, progress=cfg.progress, timer=timer, compute_dtype=dtype, work_dir=work)
+        if work is None:  # a library call: per-model state in a temporary directory (rank 0's, shared)
+            if dist.is_main:
+                root = cache_dir() / "work"
+                root.mkdir(parents=True, exist_ok=True)
+                work = stack.enter_context(tempfile.TemporaryDirectory(prefix="run-", dir=root))
+            work = dist.broadcast_object(work, src=0)
+        stack.callback(dist.barrier)  # no rank leaves (and rank 0 removes the directory) before all are done
+        ctx = CompressionContext(model, calib, device, progress=cfg.progress and dist.is_main, timer=timer, compute_dtype=dtype, work_dir=work, dist=dist)
         dense_linear = ctx.dense_linear_params
         with timer.stage("compress"):
             method.compress_model(ctx)
@@ -118,6 +134,7 @@ def compress(model, tokenizer, cfg: CompressConfig = CompressConfig(), timer: St
         "params": params_block(dense_linear, kept_linear, whole_dense),
         "calibration": calib.describe() if calib else None,
         "device": str(device),
+        "distributed": dist.describe(),
         "compute_dtype": str(dtype).replace("torch.", ""),
         "stored_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "layers": [ctx.records[h.name].as_dict() for h in ctx.linears],
@@ -134,16 +151,17 @@ def _ppl_cache_key(model_source: dict, source, pcfg: PerplexityConfig, seqlen: i
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def dense_perplexity(model, tokenizer, pcfg: PerplexityConfig, device, progress: bool, source, use_cache: bool = True) -> dict:
+def dense_perplexity(model, tokenizer, pcfg: PerplexityConfig, device, progress: bool, source, use_cache: bool = True, dist: Dist = SINGLE) -> dict:
     """Evaluate the unmodified model, reusing a cached figure for the same model and protocol."""
     path = cache_dir() / "dense-perplexity.json"
     msrc = getattr(model, "_capllm_source", None)
     key = _ppl_cache_key(msrc, source, pcfg, pcfg.seqlen) if (msrc and use_cache) else None
-    hit = json_cache_get(path, key)
+    hit = dist.broadcast_object(json_cache_get(path, key) if dist.is_main else None, src=0)  # one decision for all ranks
     if hit is not None:
         return {**hit, "cached": True}
-    res = evaluate_perplexity(model, tokenizer, pcfg, device=device, progress=progress, source=source)
-    json_cache_put(path, key, res)
+    res = evaluate_perplexity(model, tokenizer, pcfg, device=device, progress=progress, source=source, dist=dist)
+    if dist.is_main:
+        json_cache_put(path, key, res)
     return res
 
 
@@ -180,10 +198,17 @@ def job_fingerprint(job: JobConfig) -> dict:
                                   "eval": asdict(job.eval) if job.evaluate else None, "save": job.save, "capllm_version": capllm_version()}, default=str))
 
 
-def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
+def run_compress_job(job: JobConfig, log=print, dist: Dist = SINGLE) -> dict[str, Any]:
+    """``capllm compress``. With several processes (``torchrun``) every rank runs this; rank 0
+    alone writes the work directory's state, logs, and writes ``--out``."""
     from capllm.workdir import check_disk, disk_estimate, open_work_dir, remove_work_dir, save_state, work_dir_for
 
+    if not dist.is_main:
+        log = lambda *a, **k: None  # noqa: E731
+        job = dataclasses.replace(job, compress=dataclasses.replace(job.compress, progress=False))
+        save_state = lambda *a, **k: None  # noqa: E731,F811
     method = build_method(job.compress)  # fail fast on bad method / ratio / options
+    check_distributable(method, dist)
     if job.save not in SAVE_MODES:
         raise CapllmError(f"--save {job.save!r}: use one of {', '.join(SAVE_MODES)}")
     if job.zeroshot is not None:
@@ -194,14 +219,19 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
     if out.exists():
         raise CapllmError(f"output directory {out} already exists: choose another --out or remove it")
     device = resolve_device(job.compress.device)
-    work, state = open_work_dir(work_dir_for(out), job_fingerprint(job), log, arguments=job.arguments)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device(f"cuda:{dist.local_rank}")  # every rank its own GPU
+        job = dataclasses.replace(job, compress=dataclasses.replace(job.compress, device=str(device)))
+    if dist.is_main:
+        work, state = open_work_dir(work_dir_for(out), job_fingerprint(job), log, arguments=job.arguments)
+    work, state = dist.broadcast_object((work, state) if dist.is_main else None, src=0)
     resumed = state is not None
     state = dict(state or {})
     state["attempts"] = state.get("attempts", 0) + 1
     timer = StageTimer(previous=state.get("time_s"))
     with timer.stage("load_model"):
         model, tokenizer = load_model(job.model)
-    if not resumed:
+    if not resumed and dist.is_main:
         need = disk_estimate(model, method.name, job.compress.calibration.nsamples, job.compress.calibration.seqlen, job.save, stage1_cached=False)
         state["disk_estimate_bytes"] = need
         try:
@@ -220,7 +250,7 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
                 dense_ppl = state["perplexity_dense"]
             else:
                 with timer.stage("eval_dense"):
-                    dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache)
+                    dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache, dist=dist)
                 state.update({"perplexity_dense": dense_ppl, "time_s": timer.as_dict()})
                 save_state(work, state)
             log(f"capllm: dense perplexity {dense_ppl['value']:.3f} on {eval_source.name}:{eval_source.split} ({dense_ppl['windows']} of {dense_ppl['windows_available']} windows × {dense_ppl['seqlen']} tokens){' [cached]' if dense_ppl.get('cached') else ''}")
@@ -232,18 +262,25 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
         gen_prompts = make_prompts(tokenizer, gen_source.text, job.generation)
         with timer.stage("generation_dense"):
             gen_ref = dense_reference(model, gen_prompts, job.generation, device, job.dense_cache)
-    result = compress(model, tokenizer, dataclasses.replace(job.compress, work_dir=str(work / "compress")), timer)
+    result = compress(model, tokenizer, dataclasses.replace(job.compress, work_dir=str(work / "compress")), timer, dist=dist)
     state["time_s"] = timer.as_dict()
     save_state(work, state)
     ppl = None
     if job.evaluate:
         with timer.stage("eval"):
-            ppl = evaluate_perplexity(model, tokenizer, job.eval, device=device, progress=job.compress.progress, source=eval_source)
+            ppl = evaluate_perplexity(model, tokenizer, job.eval, device=device, progress=job.compress.progress, source=eval_source, dist=dist)
         if not math.isfinite(ppl["value"]):
             raise CapllmError("compressed model perplexity is not finite")
         if dense_ppl is None:
             dense_ppl = ppl
     result["peak_rss_mb_compress"] = round(peak_rss_mb(), 1)  # before the extra evaluations below
+    if dist.enabled:
+        if job.zeroshot is not None or job.generation is not None:
+            raise CapllmError("zero-shot and generation checks run in one process: run them with `capllm eval` on the saved model")
+        result["peak_rss_mb_by_rank"] = dist.all_gather_object(round(peak_rss_mb(), 1))
+        if not dist.is_main:  # rank 0 writes the outputs
+            dist.barrier()
+            return result
     if job.zeroshot is not None:
         from capllm.eval.zeroshot import evaluate_zeroshot, zeroshot_table
 
@@ -287,4 +324,5 @@ def run_compress_job(job: JobConfig, log=print) -> dict[str, Any]:
         elif job.plot:
             log(f"capllm: --plot: method {result['method']} reports no per-matrix allocation; no plot written")
     remove_work_dir(work)
+    dist.barrier()
     return result

@@ -84,10 +84,28 @@ def run(a) -> int:
         plot=a.plot,
         arguments={k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
     )
-    result = run_compress_job(job, log=lambda s: print(s, file=sys.stderr))
+    from capllm.engine.distributed import from_env
+    from capllm.utils import resolve_device
+
+    dist = from_env(resolve_device(a.device).type)  # torchrun: join its process group (else one process)
+    try:
+        result = run_compress_job(job, log=lambda s: print(s, file=sys.stderr), dist=dist)
+    finally:
+        if dist.enabled and torch_distributed_initialized():
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    if not dist.is_main:
+        return 0
     print(summary_table(result))
     st = result.get("storage")
     if st:
         frac = f", decoder linears {st['decoder_bytes'] / st['decoder_dense_bytes']:.1%} of dense incl. {st['index_overhead_bytes'] / 2**20:.1f} MiB index" if st.get("decoder_dense_bytes") else ""
         print(f"saved {st['format']} model: {st['total_bytes'] / 2**20:.1f} MiB on disk{frac} → {result['out_dir']}")
     return 0
+
+
+def torch_distributed_initialized() -> bool:
+    import torch.distributed
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()

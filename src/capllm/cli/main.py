@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from capllm.errors import CapllmError, is_out_of_memory
@@ -61,7 +62,8 @@ def _run(a: argparse.Namespace) -> int:
     try:
         return _module(a.cmd).run(a)
     except CapllmError as exc:
-        print(f"capllm: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+        print(f"capllm: error: {'' if rank == '0' else f'(rank {rank}) '}{exc}", file=sys.stderr)
         return exc.exit_code
     except (MemoryError, RuntimeError) as exc:
         if is_out_of_memory(exc):

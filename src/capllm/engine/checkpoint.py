@@ -66,9 +66,10 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 class PassCheckpoint:
     """Per-block progress of the pass ``name`` under ``root`` (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, name: str) -> None:
+    def __init__(self, root: str | os.PathLike, name: str, dist=None) -> None:
         self.dir = Path(root) / name
         self.name = name
+        self.dist = dist  # several processes: each keeps its own share of the hidden states
 
     @property
     def state_path(self) -> Path:
@@ -137,7 +138,15 @@ class PassCheckpoint:
         return parts
 
     def _hidden_path(self, i: int) -> Path:
+        d = self.dist
+        if d is not None and d.enabled:  # a resume must use the same number of ranks (checked in load_hidden)
+            return self.dir / f"hidden_{i:04d}.rank{d.rank}of{d.world}.safetensors"
         return self.dir / f"hidden_{i:04d}.safetensors"
+
+    def drop_hidden(self, i: int) -> None:
+        """Remove this process's inputs of block ``i + 1`` (superseded once block ``i + 1`` is marked done)."""
+        if i >= 0:
+            self._hidden_path(i).unlink(missing_ok=True)
 
     def save_hidden(self, i: int, hidden: list[torch.Tensor]) -> None:
         save_tensors_atomic(self._hidden_path(i), {"hidden": torch.stack(hidden)})
@@ -145,9 +154,12 @@ class PassCheckpoint:
     def load_hidden(self, i: int) -> list[torch.Tensor]:
         path = self._hidden_path(i)
         if not path.exists():
+            others = sorted(p.name for p in self.dir.glob(f"hidden_{i:04d}*"))
+            if others and others[0] != path.name:
+                raise CapllmError(f"{self.dir} was written by a run on another number of processes ({others[0]}): resume with the same torchrun --nproc-per-node, or remove the work directory {self.dir.parent}")
             raise CapllmError(f"{path} is missing although {self.state_path} says block {i} is done: remove the work directory {self.dir.parent} to start over")
         return list(load_tensors(path)[0]["hidden"].unbind(0))
 
     def mark(self, i: int, nblocks: int) -> None:
         write_json_atomic(self.state_path, {"pass": self.name, "done": i, "blocks": nblocks})
-        self._hidden_path(i - 1).unlink(missing_ok=True)
+        self.drop_hidden(i - 1)

@@ -19,6 +19,7 @@ from torch import nn
 from capllm.data.calibration import CalibrationSet
 from capllm.format.modules import LowRankSparseLinear
 from capllm.engine.compressed import CompressedWeight
+from capllm.engine.distributed import SINGLE, Dist
 from capllm.models.layers import LinearHandle, find_linears
 from capllm.utils import StageTimer, release_host_pages
 
@@ -49,8 +50,9 @@ class LayerRecord:
 
 class CompressionContext:
     def __init__(self, model: nn.Module, calibration: CalibrationSet | None, device: torch.device, progress: bool = True, timer: StageTimer | None = None,
-                 compute_dtype: torch.dtype | None = None, work_dir: str | Path | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None, work_dir: str | Path | None = None, dist: Dist = SINGLE) -> None:
         self.model = model
+        self.dist = dist  # the process group this compression is divided over (one process: SINGLE)
         self.compute_dtype = compute_dtype or default_compute_dtype(device)
         # where per-model state lives while the run is going (statistics, scores, finished
         # blocks); a killed run started again with the same work_dir resumes from it
@@ -71,7 +73,7 @@ class CompressionContext:
         """The resumable checkpoint of pass ``name`` in the work directory (``None`` without one)."""
         from capllm.engine.checkpoint import PassCheckpoint
 
-        return PassCheckpoint(self.work_dir / "passes", name) if self.work_dir is not None else None
+        return PassCheckpoint(self.work_dir / "passes", name, self.dist) if self.work_dir is not None else None
 
     def apply(self, handle: LinearHandle, cw: CompressedWeight, record: bool = True) -> None:
         """Write ``cw`` into the model in place of ``handle``'s weight and record it."""

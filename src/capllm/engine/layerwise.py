@@ -70,12 +70,38 @@ def _check_finite(t: torch.Tensor, where: str) -> None:
 
 
 def default_finish_block(ctx: "CompressionContext", method, index: int, handles: list, comps: dict) -> dict:
-    """Compress every linear of the block from its accumulated statistics."""
+    """Compress every linear of the block from its accumulated statistics.
+
+    On several processes each linear is compressed by its owner (:meth:`Dist.owner`) and the
+    result broadcast, so every rank ends the block with the same weights."""
+    dist = ctx.dist
     out = {}
-    for h in handles:
-        out[h.name] = comps[h.name].compress(h.weight_copy())
+    for j, h in enumerate(handles):
+        if dist.owner(j) == dist.rank:
+            out[h.name] = comps[h.name].compress(h.weight_copy())
         comps[h.name].free()
+    if dist.enabled:
+        for j, h in enumerate(handles):
+            mine = out.get(h.name)
+            out[h.name] = dist.broadcast_object(None if mine is None else _on_cpu(mine), src=dist.owner(j))
     return out
+
+
+def _on_cpu(cw):
+    from dataclasses import replace
+
+    return replace(cw, **{k: getattr(cw, k).cpu() for k in ("S", "mask", "U", "V") if getattr(cw, k) is not None})
+
+
+def _reduce_statistics(dist, method, handles: list, comps: dict) -> None:
+    """Every rank's share of the calibration windows into one set of statistics."""
+    if not dist.enabled:
+        return
+    for h in handles:
+        reduce = getattr(comps[h.name], "reduce", None)
+        if reduce is None:
+            raise CapllmError(f"method {method.name} cannot run on several processes yet (its statistics have no reduce): run it without torchrun")
+        reduce(dist)
 
 
 def _restore(ctx: "CompressionContext", handles: list, parts: dict, records: dict) -> None:
@@ -155,9 +181,17 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
     if ctx.calibration is None:
         raise CapllmError(f"method {method.name} needs calibration data")
     storage = torch.device("cpu")
+    dist = ctx.dist
+    windows = ctx.calibration.windows
+    if dist.enabled:  # data parallel: this rank's contiguous share of the windows
+        if finish is not None:
+            raise CapllmError(f"method {method.name} cannot run on several processes yet: run it without torchrun")
+        windows = windows[dist.shard(len(windows))]
+        if len(windows) == 0:
+            raise CapllmError(f"{len(ctx.calibration.windows)} calibration windows for {dist.world} ranks: use --nsamples ≥ the number of ranks")
     with ctx.timer.stage("capture"):
         place_outside_blocks(model, device)
-        inputs = capture_block_inputs(model, blocks, ctx.calibration.windows, device, storage)
+        inputs = capture_block_inputs(model, blocks, windows, device, storage)
     n = len(inputs.hidden)
     inputs.hidden = [x.to(compute) for x in inputs.hidden]
     start = 0
@@ -198,6 +232,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
         finally:
             for hk in hooks:
                 hk.remove()
+        _reduce_statistics(dist, method, handles, comps)
         results = finish(ctx, i, handles, comps) if finish is not None else default_finish_block(ctx, method, i, handles, comps)
         del comps
         if modifies:
@@ -214,14 +249,21 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
         if on_block_inputs is not None and i == len(blocks) - 1:
             on_block_inputs(len(blocks), inputs.hidden)
         if checkpoint is not None:
-            if modifies:
-                done_w = {h.name: results[h.name] for h in handles if results.get(h.name) is not None}
-                checkpoint.save_block(i, done_w, {name: ctx.records[name].as_record() for name in done_w}, dtype=keep_dtype)
-                del done_w, results
-                map_finished_block(handles, checkpoint.map_block(i))
+            # every rank's share of the next inputs first; then rank 0's block file and state
             if i + 1 < len(blocks):
                 checkpoint.save_hidden(i, inputs.hidden)
-            checkpoint.mark(i, len(blocks))
+            dist.barrier()
+            if modifies and dist.is_main:
+                done_w = {h.name: results[h.name] for h in handles if results.get(h.name) is not None}
+                checkpoint.save_block(i, done_w, {name: ctx.records[name].as_record() for name in done_w}, dtype=keep_dtype)
+                del done_w
+            if dist.is_main:
+                checkpoint.mark(i, len(blocks))
+            dist.barrier()
+            checkpoint.drop_hidden(i - 1)
+            if modifies:
+                del results
+                map_finished_block(handles, checkpoint.map_block(i))
         if device.type == "cuda":
             torch.cuda.empty_cache()
         bar.update(1)

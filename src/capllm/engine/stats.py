@@ -41,5 +41,12 @@ class InputStats:
             self.gram.mul_(keep).addmm_(xg.t(), xg, alpha=new)
         self.tokens = total
 
+    def reduce(self, dist) -> None:
+        """Combine the running means of every rank (:func:`capllm.engine.distributed.reduce_means`):
+        afterwards each rank holds the moments over all ranks' tokens."""
+        from capllm.engine.distributed import reduce_means
+
+        self.tokens = reduce_means(dist, self.tokens, [self.sq, self.abs, self.gram])
+
     def free(self) -> None:
         self.sq = self.abs = self.gram = None

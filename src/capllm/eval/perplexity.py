@@ -137,8 +137,12 @@ def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, com
 
 @torch.no_grad()
 def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, batch_size: int = 1, device: torch.device | str = "cpu", progress: bool = True,
-                      desc: str = "perplexity", mode: str = "auto") -> dict:
-    """Perplexity of a 1-D token stream, with every knob and count recorded (``mode``: :func:`choose_mode`)."""
+                      desc: str = "perplexity", mode: str = "auto", dist=None) -> dict:
+    """Perplexity of a 1-D token stream, with every knob and count recorded (``mode``: :func:`choose_mode`).
+
+    ``dist`` (:class:`capllm.engine.distributed.Dist`): each rank scores its contiguous share of
+    the windows and the per-window losses are gathered in window order — each is computed exactly
+    as in one process, so the figure is the same bit for bit."""
     device = torch.device(device)
     total_windows = ids.numel() // seqlen
     if total_windows == 0:
@@ -147,21 +151,28 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_windows: int | 
     if nwin < 1:
         raise CapllmError("--max-windows must be ≥ 1")
     windows = ids[: nwin * seqlen].view(nwin, seqlen)
+    mine = slice(0, nwin) if dist is None or not dist.enabled else dist.shard(nwin)
+    windows_all, windows = windows, windows[mine]
     was_training = model.training
     model.eval()
     mode = choose_mode(model, device, mode)
     t0 = time.perf_counter()
     sums = []
-    if mode == "blockwise":
+    if len(windows) == 0:
+        pass  # more ranks than windows: this rank has none to score
+    elif mode == "blockwise":
         sums = blockwise_window_nll(model, windows, device, torch.bfloat16 if device.type == "cuda" else torch.float32, progress, desc).tolist()
     else:
         model.to(device)
-        bar = tqdm(total=nwin, desc=desc, disable=not progress, unit="win")
-        for b in range(0, nwin, batch_size):
+        bar = tqdm(total=len(windows), desc=desc, disable=not progress, unit="win")
+        for b in range(0, len(windows), batch_size):
             nll = window_nll(model, windows[b : b + batch_size], device)
             sums.extend(nll.tolist())
             bar.update(len(nll))
         bar.close()
+    if dist is not None and dist.enabled:
+        sums = [v for part in dist.all_gather_object(sums) for v in part]  # contiguous shards: window order
+    del windows_all
     for j, v in enumerate(sums):
         if not math.isfinite(v):
             raise CapllmError(f"non-finite loss in evaluation window {j} (tokens {j * seqlen}–{(j + 1) * seqlen - 1}): the model produces NaN/Inf")
@@ -183,10 +194,11 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_windows: int | 
     }
 
 
-def evaluate_perplexity(model, tokenizer, cfg: PerplexityConfig = PerplexityConfig(), device: torch.device | str = "cpu", progress: bool = True, source: TextSource | None = None) -> dict:
+def evaluate_perplexity(model, tokenizer, cfg: PerplexityConfig = PerplexityConfig(), device: torch.device | str = "cpu", progress: bool = True, source: TextSource | None = None,
+                        dist=None) -> dict:
     """Perplexity of ``model`` on ``cfg.dataset`` (see the module docstring). Returns the result.json block."""
     source = source or load_text(cfg.dataset, cfg.split, cfg.data_dir, purpose="eval")
     ids = tokenize_text(tokenizer, source.text)
     seqlen = resolve_seqlen(model, cfg.seqlen)
-    res = perplexity_of_ids(model, ids, seqlen, cfg.max_windows, cfg.batch_size, device, progress, desc=f"ppl {source.name}", mode=cfg.mode)
+    res = perplexity_of_ids(model, ids, seqlen, cfg.max_windows, cfg.batch_size, device, progress, desc=f"ppl {source.name}", mode=cfg.mode, dist=dist)
     return {"dataset": source.name, "split": source.split, "origin": source.origin, "bos": describe_bos(tokenizer, ids), **res}

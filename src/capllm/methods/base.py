@@ -48,6 +48,10 @@ class StatsCompressor:
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
         self.stats.add_batch(inp)
 
+    def reduce(self, dist) -> None:
+        """Statistics over every rank's calibration windows (a no-op in one process)."""
+        self.stats.reduce(dist)
+
     def free(self) -> None:
         self.stats.free()
 

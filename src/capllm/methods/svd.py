@@ -34,6 +34,9 @@ class _SVDCompressor:
     def add_batch(self, inp, out) -> None:
         pass
 
+    def reduce(self, dist) -> None:
+        pass  # no statistics
+
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         r = budget_rank(weight, self.ratio)
         U, s, V = truncated_svd(weight.float(), r)

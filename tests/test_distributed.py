@@ -1,0 +1,121 @@
+"""Several processes, one compression (torchrun, gloo on a CPU): the result does not depend on
+the number of ranks — same masks, same kept counts, values equal to float rounding — and the
+perplexity, whose per-window losses are gathered, is the same figure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import capllm
+
+SRC = Path(capllm.__file__).resolve().parents[1]
+
+
+def _compress(model_dir: Path, text: Path, out: Path, method: str, nproc: int) -> subprocess.CompletedProcess:
+    args = ["-m", "capllm", "compress", "--model", str(model_dir), "--method", method, "--ratio", "0.5", "--calib", str(text), "--nsamples", "4",
+            "--seqlen", "24", "--dataset", str(text), "--eval-seqlen", "24", "--max-windows", "5", "--out", str(out), "--quiet", "--device", "cpu"]
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []) + args
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _tensors(out: Path) -> dict[str, torch.Tensor]:
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            got.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return got
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_two_ranks_give_the_one_process_result(tiny_model_dir, text_file, tmp_path, method):
+    runs = {}
+    for n in (1, 2):
+        proc = _compress(tiny_model_dir, text_file, tmp_path / f"n{n}", method, n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[n] = json.loads((tmp_path / f"n{n}" / "result.json").read_text())
+    one, two = runs[1], runs[2]
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo"} and one["distributed"]["world_size"] == 1
+    assert len(two["peak_rss_mb_by_rank"]) == 2
+    assert [r["kept_params"] for r in one["layers"]] == [r["kept_params"] for r in two["layers"]]
+    assert one["params"] == two["params"]
+    assert two["perplexity_dense"]["mean_nll"] == one["perplexity_dense"]["mean_nll"]  # the same windows, each scored alike
+    assert two["perplexity"]["mean_nll"] == pytest.approx(one["perplexity"]["mean_nll"], rel=1e-5)
+    a, b = _tensors(tmp_path / "n1"), _tensors(tmp_path / "n2")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5), k
+        else:
+            assert torch.equal(a[k], b[k]), k  # the packed masks: identical
+
+
+def test_a_global_method_is_refused_on_several_ranks(tiny_model_dir, text_file, tmp_path):
+    proc = _compress(tiny_model_dir, text_file, tmp_path / "cap", "cap", 2)
+    assert proc.returncode != 0
+    assert "cannot run on several processes yet" in proc.stderr
+
+
+_DYING = '''
+import os, sys
+import torch.distributed
+from capllm.engine import checkpoint
+real = checkpoint.PassCheckpoint.drop_hidden
+def dying(self, i):
+    if os.environ.get("RANK") == "1":  # after block 0 is marked done: rank 1 dies
+        os._exit(137)  # what kill -9 leaves: no cleanup, no flush
+    return real(self, i)
+checkpoint.PassCheckpoint.drop_hidden = dying
+from capllm.cli.main import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_rank_that_dies_ends_the_run_and_the_rerun_resumes(tiny_model_dir, text_file, tmp_path):
+    """Rank 1 dies in the middle of the pass: the run stops with a non-zero exit (torchrun ends
+    the other rank), and the same command resumes from the last finished block to the result of
+    an uninterrupted two-rank run."""
+    ref = _compress(tiny_model_dir, text_file, tmp_path / "ref", "sparsegpt", 2)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    script = tmp_path / "dying.py"
+    script.write_text(_DYING)
+    out = tmp_path / "run"
+    args = ["compress", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--ratio", "0.5", "--calib", str(text_file), "--nsamples", "4",
+            "--seqlen", "24", "--dataset", str(text_file), "--eval-seqlen", "24", "--max-windows", "5", "--out", str(out), "--quiet", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert died.returncode != 0 and not out.exists()
+    state = json.loads((out.parent / "run.work" / "compress" / "passes" / "sparsegpt" / "state.json").read_text())
+    assert 0 <= state["done"] < state["blocks"] - 1  # stopped part-way
+    again = _compress(tiny_model_dir, text_file, out, "sparsegpt", 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    r, a = json.loads((tmp_path / "ref" / "result.json").read_text()), json.loads((out / "result.json").read_text())
+    assert a["attempts"] == 2
+    assert a["perplexity"]["mean_nll"] == r["perplexity"]["mean_nll"] and a["layers"] == r["layers"]
+    x, y = _tensors(tmp_path / "ref"), _tensors(out)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_resuming_on_another_number_of_ranks_is_one_line(tiny_model_dir, text_file, tmp_path):
+    script = tmp_path / "dying.py"
+    script.write_text(_DYING)
+    out = tmp_path / "run"
+    args = ["compress", "--model", str(tiny_model_dir), "--method", "wanda", "--ratio", "0.5", "--calib", str(text_file), "--nsamples", "4",
+            "--seqlen", "24", "--dataset", str(text_file), "--eval-seqlen", "24", "--max-windows", "5", "--out", str(out), "--quiet", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert died.returncode != 0
+    alone = _compress(tiny_model_dir, text_file, out, "wanda", 1)
+    assert alone.returncode != 0
+    lines = [ln for ln in alone.stderr.splitlines() if ln.startswith("capllm: error")]
+    assert len(lines) == 1 and "another number of processes" in lines[0] and "Traceback" not in alone.stderr
