@@ -100,37 +100,6 @@ def test_partial_step_matches_full_on_a_planted_problem():
     assert [h["rank"] for h in fast.history] == [h["rank"] for h in full.history]
 
 
-def test_gram_operator_step_matches_the_explicit_gram(monkeypatch):
-    """A large low-rank-step matrix applies XᵀX as an operator (never forming the Gram): the same
-    spectrum as the explicit Gram to rounding, and the same robust PCA to the tolerance."""
-    from capllm.decompose import svt
-
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(1, 900, 300, generator=g, dtype=torch.float64)
-    X[0, :, :4] *= 40  # four leading directions well above the rest
-    tau = torch.tensor([0.5 * float(torch.linalg.svdvals(X[0])[3])], dtype=torch.float64)
-    a = svt.spectrum_partial(svt.gram(X), tau, 12, None, torch.Generator().manual_seed(1), 150)
-    b = svt.spectrum_partial(svt.GramOperator(X), tau, 12, None, torch.Generator().manual_seed(1), 150)
-    assert isinstance(a, svt.Spectrum) and isinstance(b, svt.Spectrum)
-    keep = a.sigma[0] > tau[0]
-    assert int(keep.sum()) == 4 and torch.allclose(a.sigma[0][keep], b.sigma[0][keep], rtol=1e-10)
-    assert torch.allclose((a.V[0][:, :4].T @ b.V[0][:, :4]).abs(), torch.eye(4, dtype=torch.float64), atol=1e-8)
-    assert svt.operator_pays(8960, 1536, 13) and not svt.operator_pays(1536, 1536, 80) and not svt.operator_pays(1536, 576, 9)
-
-    L0, S0, _ = planted(600, 160, rank_frac=0.02, seed=5)
-    W = (L0 + S0).float()
-    gram_run = rpca(W, svd="partial")
-    used = []
-    real = svt.GramOperator.__matmul__
-    monkeypatch.setattr(svt, "OPERATOR_MIN_NUMEL", 0)
-    monkeypatch.setattr(svt, "OPERATOR_MIN_RATIO", 1)
-    monkeypatch.setattr(svt.GramOperator, "__matmul__", lambda self, Q: used.append(1) or real(self, Q))
-    op_run = rpca(W, svd="partial")
-    assert used and op_run.converged
-    assert op_run.rank == gram_run.rank and torch.equal(op_run.S != 0, gram_run.S != 0)
-    assert rel(op_run.L(), gram_run.L()) < 1e-6 and rel(op_run.S, gram_run.S) < 1e-6
-
-
 def test_batched_equals_unbatched():
     Ws = torch.stack([weight_like(64, 96, seed=s) * (s + 1) for s in range(3)])
     batched = rpca_batched(Ws)

@@ -43,10 +43,6 @@ reference :func:`capllm.decompose.reference.rpca_reference`):
   by the 3rd–4th iteration and ends at 60–73 % of full, so the partial step serves only the
   first 1–2 iterations and saves nothing measurable there (it does on genuinely low-rank
   problems); the float64 Gram path is what makes the other iterations cheaper than LAPACK SVD.
-  With CAP's activation-aware scales and λ the ranks stay small (Qwen2.5-1.5B's MLP matrices:
-  rank 0–7, 29 of 32 steps partial), and for such a large matrix the partial step applies
-  ``XᵀX`` as an operator instead of forming it (:func:`capllm.decompose.svt.operator_pays`): the
-  Gram was 2 of the 3.3 s of each step of an 8960 × 1536 matrix.
 
 Activation-aware option: with ``col_scale = d`` (``d_j = sqrt(E x_j²)``) the decomposition is of
 ``W·diag(d)``, then un-scaled: ``L = U diag(σ) (diag(1/d) V)ᵀ``, ``S = S'·diag(1/d)`` — ``V``
@@ -64,7 +60,7 @@ from typing import Iterator
 
 import torch
 
-from capllm.decompose.svt import GramOperator, Spectrum, apply_svt, blas_threads, gram, operator_pays, spectrum_gram, spectrum_partial, spectrum_svd
+from capllm.decompose.svt import Spectrum, apply_svt, blas_threads, gram, spectrum_gram, spectrum_partial, spectrum_svd
 from capllm.errors import CapllmError
 
 SVD_MODES = ("auto", "partial", "gram", "full")
@@ -221,12 +217,11 @@ def _svt_step(X, tau, cfg: RPCAConfig, sv, V_prev, gen, state: dict):
     B, m, n = X.shape
     if cfg.svd == "full":
         return spectrum_svd(X), "full"
+    G = gram(X)
     skip = state.get("skip", 0)
     state["skip"] = max(0, skip - 1)
-    k = int(sv.max()) + _OVERSAMPLE
-    try_partial = cfg.svd in ("auto", "partial") and skip == 0
-    G = GramOperator(X) if try_partial and operator_pays(m, n, k) else gram(X)
-    if try_partial:
+    if cfg.svd in ("auto", "partial") and skip == 0:
+        k = int(sv.max()) + _OVERSAMPLE
         max_dim = int(cfg.partial_max_frac * n)
         for attempt in range(2):
             spec = spectrum_partial(G, tau, k, V_prev, gen, max_dim)
@@ -238,7 +233,7 @@ def _svt_step(X, tau, cfg: RPCAConfig, sv, V_prev, gen, state: dict):
             if spec != "missed":
                 break
             k *= 2  # grow the block once
-    return spectrum_gram(X, None if isinstance(G, GramOperator) else G), "full"
+    return spectrum_gram(X, G), "full"
 
 
 def _ialm(W: torch.Tensor, lam: torch.Tensor, cfg: RPCAConfig, progress_cb=None) -> list[dict]:

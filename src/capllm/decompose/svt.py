@@ -19,10 +19,7 @@ so no left factor is needed inside the loop (:func:`apply_svt`).
   On a CPU thread with one intra-op thread (how the model-level workers run) the Gram and the
   eigendecomposition go through NumPy (:func:`gram`, :func:`eigh`); otherwise through torch.
 * :func:`spectrum_partial` — only the leading ``k`` eigenpairs of ``G``, by a randomized block
-  Krylov subspace (warm-started with the previous iteration's vectors) and Rayleigh–Ritz. ``G``
-  is the explicit Gram or a :class:`GramOperator` that applies ``XᵀX`` as ``Xᵀ(X Q)`` without
-  forming it (``4mnk`` flops per ``k``-column product instead of the ``mn²`` of the Gram: the
-  cheaper choice for a large matrix whose step needs few pairs, :func:`operator_pays`). It is
+  Krylov subspace (warm-started with the previous iteration's vectors) and Rayleigh–Ritz. It is
   accepted only when (a) its smallest Ritz value is ``≤ τ²`` — so every singular value above the
   threshold was captured — and (b) every Ritz pair above the threshold has a residual
   ``‖G v − θ v‖ ≤ tol·‖G‖₂``; otherwise the caller falls back to the full Gram eigendecomposition.
@@ -115,34 +112,8 @@ def spectrum_gram(X: torch.Tensor, G: torch.Tensor | None = None) -> Spectrum:
     return Spectrum(sigma, evecs.flip(-1), "gram")
 
 
-class GramOperator:
-    """``G = XᵀX`` of a tall float64 stack ``X (B, m, n)``, applied, never formed: ``G @ Q = Xᵀ(X Q)``."""
-
-    def __init__(self, X: torch.Tensor) -> None:
-        self.X = X.detach().to(torch.float64)
-        B, m, n = self.X.shape
-        self.shape, self.dtype, self.device = (B, n, n), self.X.dtype, self.X.device
-
-    def __matmul__(self, Q: torch.Tensor) -> torch.Tensor:
-        return self.X.mT @ (self.X @ Q)
-
-
-# the operator is used for matrices of at least this many entries (below it the Gram is cheap
-# and the step's overheads dominate; every SmolLM2 / Gemma-3-270M matrix stays on the Gram)
-OPERATOR_MIN_NUMEL = 4_000_000
-# ... when n exceeds this many times the pairs wanted: a partial step applies G to about 12k
-# columns (4mn flops each through the operator) against the Gram's mn² (BLAS syrk)
-OPERATOR_MIN_RATIO = 48
-
-
-def operator_pays(m: int, n: int, k: int) -> bool:
-    """Whether a partial step on a tall ``(m, n)`` matrix wanting ``k`` pairs should apply
-    ``XᵀX`` as an operator instead of forming the Gram (Qwen2.5-1.5B's MLP: n = 1536, k ≈ 13)."""
-    return m * n >= OPERATOR_MIN_NUMEL and n >= OPERATOR_MIN_RATIO * k
-
-
 def spectrum_partial(
-    G: "torch.Tensor | GramOperator",
+    G: torch.Tensor,
     tau: torch.Tensor,
     k: int,
     V0: torch.Tensor | None,
@@ -182,7 +153,7 @@ def spectrum_partial(
         if basis.shape[-1] < check_at and basis.shape[-1] + k <= max_dim:
             continue
         check_at = basis.shape[-1] * 3 // 2
-        H = basis.mT @ (G @ basis) if isinstance(G, GramOperator) else basis.mT @ G @ basis
+        H = basis.mT @ G @ basis
         theta, Wr = torch.linalg.eigh(0.5 * (H + H.mT))
         theta, Wr = theta.flip(-1)[..., :k], Wr.flip(-1)[..., :k]
         if not bool((theta[..., -1:] <= tau2).all()):
