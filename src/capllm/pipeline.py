@@ -84,10 +84,10 @@ def check_weights_finite(model) -> None:
 
 
 def check_distributable(method, dist: Dist) -> None:
-    """Several processes run the layer-wise engine's methods; the global ones (CAP) not yet."""
+    """Several processes run the layer-wise engine's methods and the CAP family (``distributed``)."""
     from capllm.methods.base import Method
 
-    if dist.enabled and type(method).compress_model is not Method.compress_model:
+    if dist.enabled and type(method).compress_model is not Method.compress_model and not getattr(method, "distributed", False):
         raise CapllmError(f"method {method.name} cannot run on several processes yet (layer-wise methods can): run it without torchrun")
 
 

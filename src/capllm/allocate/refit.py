@@ -41,6 +41,9 @@ class _RefitCompressor:
     def add_batch(self, inp, out) -> None:
         self.stats.add_batch(inp)
 
+    def reduce(self, dist) -> None:
+        self.stats.reduce(dist)
+
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         d = self.d
         R = weight if d.U is None else weight - d.U.to(weight) @ d.V.to(weight).t()

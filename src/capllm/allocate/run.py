@@ -25,7 +25,7 @@ from capllm.allocate.pools import CandidatePools, MatrixPool
 from capllm.allocate.refit import Decision, refit_layerwise
 from capllm.allocate.scores import matrix_costs, matrix_importance
 from capllm.allocate.select import Segment, streamed_bounded, streamed_greedy
-from capllm.allocate.stage1 import load_pool, run_stage1, run_stage1_without_data
+from capllm.allocate.stage1 import load_pool, run_stage1, run_stage1_without_data, stage1_dir
 from capllm.allocate.store import CapStore
 from capllm.errors import CapllmError
 from capllm.engine.compressed import CompressedWeight
@@ -36,8 +36,10 @@ from capllm.utils import cache_dir
 def open_store(ctx):
     """The run's :class:`CapStore`: in its work directory, or a temporary one (library calls)."""
     if ctx.work_dir is not None:
-        yield CapStore(ctx.work_dir / "cap")
+        yield CapStore(ctx.work_dir / "cap", ctx.dist)
         return
+    if ctx.dist.enabled:
+        raise CapllmError("cap on several processes needs a work directory all ranks share (capllm compress gives one)")
     root = cache_dir() / "work"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="cap-", dir=root))
@@ -58,6 +60,16 @@ class CapRun:
         self.handles = {h.name: h for h in ctx.linears}
         self.s1: Path | None = None
 
+    def _on_main(self, work, stage: str):
+        """Run ``work()`` on rank 0 only (it writes per-model files); every rank then reads the
+        finished stage's record. One process: just ``work()``."""
+        dist = self.ctx.dist
+        if not dist.enabled:
+            return work()
+        out = work() if dist.is_main else None
+        dist.barrier()
+        return out if dist.is_main else self.store.stage(stage)
+
     # --- stage 1 and statistics -----------------------------------------------------------------
     def needs_stats(self) -> bool:
         o = self.o
@@ -72,7 +84,10 @@ class CapRun:
     def stage1(self) -> None:
         ctx = self.ctx
         if not self.needs_stats():
-            self.s1 = run_stage1_without_data(ctx, self.o)
+            self.s1 = stage1_dir(ctx, self.o)
+            if ctx.dist.is_main:
+                run_stage1_without_data(ctx, self.o)
+            ctx.dist.barrier()
             return
         if ctx.calibration is None:
             raise CapllmError("cap needs calibration data")
@@ -89,19 +104,28 @@ class CapRun:
 
         if getattr(self.o, "score", "") != "fisher" or self.store.stage("fisher") is not None:
             return
-        ctx, store = self.ctx, self.store
+        ctx, store, dist = self.ctx, self.store, self.ctx.dist
         with ctx.timer.stage("fisher"):
             _, blocks = find_decoder_blocks(ctx.model)
             place_outside_blocks(ctx.model, ctx.device)
-            captured = capture_block_inputs(ctx.model, blocks, ctx.calibration.windows, ctx.device)
-            ckpt = DiskCheckpoint(store.root / "fisher-checkpoint.pt")
-            G = blockwise_output_grad_sq(ctx.model, lambda i: captured.for_block(i, store.inputs(i)), store.inputs(None), ctx.calibration.windows, ctx.device,
+            windows = ctx.calibration.windows[dist.shard(len(ctx.calibration.windows))]  # this rank's share (all: one process)
+            captured = capture_block_inputs(ctx.model, blocks, windows, ctx.device)
+            ckpt_path = store.root / ("fisher-checkpoint.pt" if not dist.enabled else f"fisher-checkpoint.rank{dist.rank}of{dist.world}.pt")
+            ckpt = DiskCheckpoint(ckpt_path)
+            G = blockwise_output_grad_sq(ctx.model, lambda i: captured.for_block(i, store.inputs(i)), store.inputs(None), windows, ctx.device,
                                          ctx.linears, start=ckpt.load(), on_block_done=ckpt, progress=ctx.progress, compute_dtype=ctx.compute_dtype)
             ctx.model.to("cpu")
-            store.save_grad(G)
-            store.finish_stage("fisher")
-            store.drop_inputs()
-            (store.root / "fisher-checkpoint.pt").unlink(missing_ok=True)
+            if dist.enabled:  # E[g²] over every rank's tokens
+                from capllm.engine.distributed import reduce_means
+
+                reduce_means(dist, len(windows) * (windows.shape[1] - 1), list(G.values()))
+            if dist.is_main:
+                store.save_grad(G)
+                store.finish_stage("fisher")
+            dist.barrier()
+            if dist.is_main:
+                store.drop_inputs()
+            ckpt_path.unlink(missing_ok=True)
 
     # --- scores -----------------------------------------------------------------------------------
     def pool(self, name: str) -> MatrixPool:
@@ -109,9 +133,11 @@ class CapRun:
 
     def scores(self, kind: str, normalize: str) -> None:
         """The ranking key (importance per parameter) of every candidate, one file per matrix."""
+        if self.store.stage("scores") is None:
+            self._on_main(lambda: self._scores(kind, normalize), "scores")
+
+    def _scores(self, kind: str, normalize: str) -> None:
         ctx, store = self.ctx, self.store
-        if store.stage("scores") is not None:
-            return
         G = store.grad() if kind == "fisher" else None
         block_stats, block_index = None, None
         from tqdm.auto import tqdm
@@ -132,9 +158,11 @@ class CapRun:
 
     def magnitudes(self) -> None:
         """``rpca-threshold``'s key: σ for directions, |S| for entries."""
+        if self.store.stage("scores") is None:
+            self._on_main(self._magnitudes, "scores")
+
+    def _magnitudes(self) -> None:
         store = self.store
-        if store.stage("scores") is not None:
-            return
         for h in self.ctx.linears:
             p = self.pool(h.name)
             store.save_key(h.name, torch.cat([p.sigma, p.entry_values().abs()]).float(), p.rank, p.nnz, p.direction_cost)
@@ -176,6 +204,9 @@ class CapRun:
 
     def select(self, budget: int, ratio: float, spread: float) -> dict:
         """The final mask of the global ranking (bounded per matrix when ``spread`` is finite)."""
+        return self.store.stage("select") or self._on_main(lambda: self._select(budget, ratio, spread), "select")
+
+    def _select(self, budget: int, ratio: float, spread: float) -> dict:
         store = self.store
         if (done := store.stage("select")) is not None:
             return done
@@ -193,6 +224,9 @@ class CapRun:
 
     def select_per_matrix(self, ratio: float) -> dict:
         """``cap-uniform``: each matrix filled greedily to its own share ``⌊(1 − ρ) m n⌋``."""
+        return self.store.stage("select") or self._on_main(lambda: self._select_per_matrix(ratio), "select")
+
+    def _select_per_matrix(self, ratio: float) -> dict:
         store = self.store
         if (done := store.stage("select")) is not None:
             return done
@@ -205,6 +239,9 @@ class CapRun:
 
     def select_split(self, budget: int, dir_budget: int) -> dict:
         """``rpca-threshold``: directions by σ within ``dir_budget``, then entries by |S|."""
+        return self.store.stage("select") or self._on_main(lambda: self._select_split(budget, dir_budget), "select")
+
+    def _select_split(self, budget: int, dir_budget: int) -> dict:
         store = self.store
         if (done := store.stage("select")) is not None:
             return done

@@ -82,6 +82,9 @@ class _GramOnly:
     def add_batch(self, inp, out) -> None:
         self.stats.add_batch(inp)
 
+    def reduce(self, dist) -> None:
+        self.stats.reduce(dist)
+
     def moment(self) -> torch.Tensor:
         return self.stats.gram if self.stats.gram is not None else self.stats.sq.float()
 
@@ -95,6 +98,7 @@ class Stage1Pass:
     name = "cap-stage1"
     needs_calibration = True
     modifies_weights = False
+    distributed_finish = True  # several processes: statistics reduced by the engine; rank 0 decomposes and writes
 
     def __init__(self, o: Stage1Options, out_dir: Path, store: CapStore, full_gram: bool, keep_gram: bool, timer, progress: bool) -> None:
         self.o, self.out_dir, self.store = o, out_dir, store
@@ -111,6 +115,9 @@ class Stage1Pass:
         moments = {h.name: comps[h.name].moment().float().cpu() for h in handles}
         for c in comps.values():
             c.free()
+        if not ctx.dist.is_main:  # the block's statistics are the same on every rank: rank 0 writes
+            ctx.dist.barrier()
+            return {}
         scales = None
         if self.o.act_aware:
             scales = {k: (A.diagonal() if A.dim() == 2 else A).clamp_min(0).sqrt() for k, A in moments.items()}
@@ -125,6 +132,7 @@ class Stage1Pass:
             if self.keep_gram:
                 stats[h.name]["gram"] = moments[h.name]
         self.store.save_block_stats(index, stats)
+        ctx.dist.barrier()
         return {}
 
 
@@ -143,7 +151,9 @@ def run_stage1(ctx, o: Stage1Options, store: CapStore, full_gram: bool, keep_inp
         def on_inputs(i, hidden):
             store.save_inputs(i if i < nblocks else None, hidden)
     run_layerwise(ctx, stage, checkpoint=ctx.checkpoint("cap-stage1"), on_block_inputs=on_inputs, desc="CAP stage 1: statistics + robust PCA")
-    store.finish_stage("stage1", {"stage1_dir": str(out)})
+    if ctx.dist.is_main:
+        store.finish_stage("stage1", {"stage1_dir": str(out)})
+    ctx.dist.barrier()
     return out
 
 

@@ -33,8 +33,12 @@ from capllm.utils import write_json_atomic
 
 
 class CapStore:
-    def __init__(self, root: str | Path) -> None:
+    """``dist``: on several processes each rank keeps its own share of the activations
+    (``acts/…rank<r>of<N>``); everything else is written by rank 0 and read by all."""
+
+    def __init__(self, root: str | Path, dist=None) -> None:
         self.root = Path(root)
+        self.dist = dist
 
     # --- stages -------------------------------------------------------------------------------
     def stage(self, name: str) -> dict | None:
@@ -59,13 +63,16 @@ class CapStore:
             out.setdefault(name, {})[part] = t
         return out
 
-    def save_inputs(self, i: int | None, hidden: list[torch.Tensor]) -> None:
+    def _acts(self, i: int | None) -> Path:
         path = self.root / "acts" / "final.safetensors" if i is None else self._block("acts", i)
-        save_tensors_atomic(path, {"hidden": torch.stack(hidden)})
+        d = self.dist
+        return path.with_suffix(f".rank{d.rank}of{d.world}.safetensors") if d is not None and d.enabled else path
+
+    def save_inputs(self, i: int | None, hidden: list[torch.Tensor]) -> None:
+        save_tensors_atomic(self._acts(i), {"hidden": torch.stack(hidden)})
 
     def inputs(self, i: int | None) -> list[torch.Tensor]:
-        path = self.root / "acts" / "final.safetensors" if i is None else self._block("acts", i)
-        return list(load_tensors(path)[0]["hidden"].unbind(0))
+        return list(load_tensors(self._acts(i))[0]["hidden"].unbind(0))
 
     def drop_inputs(self) -> None:
         for p in sorted((self.root / "acts").glob("*.safetensors")):

@@ -13,6 +13,11 @@ two ways (DESIGN §3, the layer-wise engine):
   (:meth:`Dist.owner`, round robin) from the same reduced statistics, and every result is
   broadcast, so all ranks hold the same model after each block.
 
+CAP (:mod:`capllm.methods.cap`): its statistics pass, the block-wise backward pass (each rank
+backpropagates its windows; ``E[g²]`` combined like the moments) and the refit are divided this
+way; Stage 1's robust PCA, the scores and the selection read and write per-model files and run
+on rank 0 while the others wait at a barrier.
+
 The perplexity evaluator gathers per-window losses, each computed exactly as alone (a window's
 loss does not depend on the others), so its figure equals the single-process one bit for bit.
 Outputs (result.json, saved models, the work directory's block files and ``state.json``) are

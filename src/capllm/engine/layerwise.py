@@ -184,7 +184,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
     dist = ctx.dist
     windows = ctx.calibration.windows
     if dist.enabled:  # data parallel: this rank's contiguous share of the windows
-        if finish is not None:
+        if finish is not None and not getattr(method, "distributed_finish", False):
             raise CapllmError(f"method {method.name} cannot run on several processes yet: run it without torchrun")
         windows = windows[dist.shard(len(windows))]
         if len(windows) == 0:

@@ -156,11 +156,15 @@ class Cap(Method):
     description = "RPCA pools + global Bernoulli-policy allocation of rank and sparsity (Zhou et al. 2025)"
     Options = CapOptions
 
+    distributed = True  # its stages divide over several processes (the policy excepted)
+
     def compress_model(self, ctx) -> None:
         o = self.options
         _check_options(o)
         if ctx.calibration is None:
             raise CapllmError("cap needs calibration data")
+        if ctx.dist.enabled and o.steps > 0:
+            raise CapllmError("cap's REINFORCE policy (steps > 0) runs in one process: run it without torchrun")
         with open_store(ctx) as store:
             run = CapRun(ctx, o, store)
             run.stage1()
@@ -251,6 +255,7 @@ class CapUniform(Method):
     name = "cap-uniform"
     description = "CAP ablation: same RPCA pools and scores, same budget share in every matrix"
     Options = CapOptions
+    distributed = True
 
     def compress_model(self, ctx) -> None:
         o = self.options
@@ -278,6 +283,7 @@ class RpcaThreshold(Method):
     name = "rpca-threshold"
     description = "CAP ablation without Stage 2: global hand thresholds on σ and |S| (fixed rank share)"
     Options = ThresholdOptions
+    distributed = True
 
     def compress_model(self, ctx) -> None:
         o = self.options
