@@ -144,3 +144,63 @@ def test_resuming_on_another_number_of_ranks_is_one_line(tiny_model_dir, text_fi
     assert alone.returncode != 0
     lines = [ln for ln in alone.stderr.splitlines() if ln.startswith("capllm: error")]
     assert len(lines) == 1 and "another number of processes" in lines[0] and "Traceback" not in alone.stderr
+
+
+def _decompose_rank(rank: int, world: int, init: str, model_dir: str, out: str, scales_file: str, q) -> None:
+    import torch.distributed as tdist
+
+    from capllm.decompose import RPCAConfig, cache
+    from capllm.engine.distributed import Dist
+    from capllm.models.loader import load_model
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model, _ = load_model(model_dir)
+        scales = torch.load(scales_file)
+        done = []
+        real = cache._run
+        cache._run = lambda handles, *a, **k: (done.extend(h.name for h in handles), real(handles, *a, **k))[1]
+        cache.decompose_model(model, RPCAConfig(lam_scale=0.5, max_iter=8), out, col_scales=scales, progress=False, dist=Dist(rank, world, 0, "gloo"))
+        q.put((rank, done))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_stage1_robust_pca_is_divided_among_ranks_and_bit_identical(tiny_model_dir, tmp_path):
+    """Each rank decomposes its share of the matrices into the one cache; the files are the
+    single process's, bit for bit, and the manifest lists every matrix."""
+    import torch.multiprocessing as mp
+
+    from capllm.decompose import RPCAConfig, decompose_model
+    from capllm.models.layers import find_linears
+    from capllm.models.loader import load_model
+
+    torch.set_num_threads(1)
+    model, _ = load_model(str(tiny_model_dir))
+    g = torch.Generator().manual_seed(0)
+    scales = {h.name: torch.rand(h.shape[1], generator=g) + 0.5 for h in find_linears(model)}
+    torch.save(scales, tmp_path / "scales.pt")
+    decompose_model(model, RPCAConfig(lam_scale=0.5, max_iter=8), tmp_path / "one", col_scales=scales, progress=False)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_decompose_rank, args=(r, 2, f"file://{tmp_path / 'rdzv'}", str(tiny_model_dir), str(tmp_path / "two"), str(tmp_path / "scales.pt"), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    shares = dict(q.get() for _ in range(2))
+    names = [h.name for h in find_linears(model)]
+    assert sorted(shares[0] + shares[1]) == sorted(names) and shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    man = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert list(man["matrices"]) == names
+    for n in names:
+        a = _tensors_of(tmp_path / "one" / man["matrices"][n]["file"])
+        b = _tensors_of(tmp_path / "two" / man["matrices"][n]["file"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), n
+
+
+def _tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}

@@ -115,15 +115,16 @@ class Stage1Pass:
         moments = {h.name: comps[h.name].moment().float().cpu() for h in handles}
         for c in comps.values():
             c.free()
-        if not ctx.dist.is_main:  # the block's statistics are the same on every rank: rank 0 writes
-            ctx.dist.barrier()
-            return {}
         scales = None
         if self.o.act_aware:
             scales = {k: (A.diagonal() if A.dim() == 2 else A).clamp_min(0).sqrt() for k, A in moments.items()}
         with self.timer.stage("stage1_rpca"):
             # (the calibration is in the cache's fingerprint; the manifest reads as earlier versions wrote it)
-            decompose_model(ctx.model, self.cfg, self.out_dir, col_scales=scales, progress=False, device=ctx.device, names=[h.name for h in handles])
+            # several processes: the block's matrices are divided among the ranks
+            decompose_model(ctx.model, self.cfg, self.out_dir, col_scales=scales, progress=False, device=ctx.device, names=[h.name for h in handles], dist=ctx.dist)
+        if not ctx.dist.is_main:  # the block's statistics are the same on every rank: rank 0 writes them
+            ctx.dist.barrier()
+            return {}
         stats = {}
         for h in handles:
             V = load_decomposition(self.out_dir, h.name).V

@@ -178,8 +178,12 @@ def decompose_in_memory(model, cfg: RPCAConfig = RPCAConfig(), stats: dict | Non
 
 def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: dict | None = None, progress: bool = True, device: torch.device | str | None = None,
                     batch: int | None = None, workers: int | None = None, scale_info: dict | None = None, names: list[str] | None = None,
-                    col_scales: dict | None = None) -> dict:
+                    col_scales: dict | None = None, dist=None) -> dict:
     """Stage 1 of every decoder linear into the resumable cache ``out_dir``; returns the manifest.
+
+    ``dist`` (:class:`capllm.engine.distributed.Dist`, every rank calling with the same
+    arguments): the pending matrices are divided among the ranks round robin, each writes its
+    own matrices' files, and rank 0 alone writes the manifest (its entries gathered from all).
 
     ``stats``: ``{name: InputStats}`` → activation-aware RPCA of ``W·diag(sqrt(E x²))``; or
     ``col_scales``: ``{name: d (n,)}`` given directly. ``scale_info`` describes where the scales
@@ -208,6 +212,12 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
         aa = dict(scale_info or {"statistic": "sqrt(E[x^2])" if stats is not None else "caller-provided column scales"})
         aa["scale_norms"] = {name: float(d.norm()) for name, d in scales.items()}
     config = {"rpca": cfg.to_dict(), "activation_aware": aa}
+    from capllm.engine.distributed import SINGLE
+
+    dist = dist or SINGLE
+    if not dist.is_main:  # rank 0 checks and writes the manifest first
+        dist.barrier()
+        return _decompose_share(_read_manifest(out_dir), handles, all_handles, cfg, scales, device, batch, workers, out_dir, dist)
     man = _read_manifest(out_dir)
     if man is None:
         man = {"format": FORMAT, "model": source, "config": config, "matrices": {}}
@@ -219,23 +229,60 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
         if aa is not None:  # a block-by-block run adds its matrices' scales as it goes
             old_aa = man["config"].get("activation_aware") or {}
             man["config"]["activation_aware"] = {**old_aa, "scale_norms": {**old_aa.get("scale_norms", {}), **aa["scale_norms"]}}
-    pending = [h for h in handles if not (h.name in man["matrices"] and (out_dir / man["matrices"][h.name]["file"]).exists())]
+    pending = _pending(man, handles, out_dir)
     if progress and len(pending) < len(handles):
         print(f"capllm: resuming: {len(handles) - len(pending)} of {len(handles)} matrices already in {out_dir}")
     write_json_atomic(out_dir / MANIFEST, man)
+    if dist.enabled:
+        dist.barrier()
+        return _decompose_share(man, handles, all_handles, cfg, scales, device, batch, workers, out_dir, dist, progress)
 
     def on_result(h: LinearHandle, r: RPCAResult) -> None:
         save_decomposition(out_dir / _file_name(h.name), h.name, r)
-        m, n = h.shape
-        man["matrices"][h.name] = {"shape": [m, n], "iterations": r.iterations, "residual": r.residual, "converged": r.converged,
-                                   "rank": r.rank, "nnz": r.nnz, "rank_fraction": round(r.rank / min(m, n), 4), "nnz_fraction": round(r.nnz / (m * n), 4),
-                                   "S_energy": round(float(r.S.norm() / h.weight_copy().norm().clamp_min(1e-30)), 4),
-                                   "seconds": round(r.seconds, 3), "file": _file_name(h.name)}
-        order = {x.name: i for i, x in enumerate(all_handles)}
-        man["matrices"] = dict(sorted(man["matrices"].items(), key=lambda kv: order.get(kv[0], 1 << 30)))
+        man["matrices"][h.name] = _entry(h, r)
+        _sort(man, all_handles)
         write_json_atomic(out_dir / MANIFEST, man)
 
     _run(pending, cfg, scales, device, batch, workers, progress, on_result)
+    return man
+
+
+def _pending(man: dict, handles: list[LinearHandle], out_dir: Path) -> list[LinearHandle]:
+    return [h for h in handles if not (h.name in man["matrices"] and (out_dir / man["matrices"][h.name]["file"]).exists())]
+
+
+def _entry(h: LinearHandle, r: RPCAResult) -> dict:
+    m, n = h.shape
+    return {"shape": [m, n], "iterations": r.iterations, "residual": r.residual, "converged": r.converged,
+            "rank": r.rank, "nnz": r.nnz, "rank_fraction": round(r.rank / min(m, n), 4), "nnz_fraction": round(r.nnz / (m * n), 4),
+            "S_energy": round(float(r.S.norm() / h.weight_copy().norm().clamp_min(1e-30)), 4),
+            "seconds": round(r.seconds, 3), "file": _file_name(h.name)}
+
+
+def _sort(man: dict, all_handles: list[LinearHandle]) -> None:
+    order = {x.name: i for i, x in enumerate(all_handles)}
+    man["matrices"] = dict(sorted(man["matrices"].items(), key=lambda kv: order.get(kv[0], 1 << 30)))
+
+
+def _decompose_share(man, handles, all_handles, cfg, scales, device, batch, workers, out_dir: Path, dist, progress: bool = False) -> dict:
+    """Several processes: this rank's round-robin share of the pending matrices; the manifest
+    entries of all ranks are gathered and written by rank 0 (a killed run recomputes what no
+    manifest entry records)."""
+    pending = _pending(man, handles, out_dir)
+    mine = [h for j, h in enumerate(pending) if dist.owner(j) == dist.rank]
+    entries: dict[str, dict] = {}
+
+    def on_result(h: LinearHandle, r: RPCAResult) -> None:
+        save_decomposition(out_dir / _file_name(h.name), h.name, r)
+        entries[h.name] = _entry(h, r)
+
+    _run(mine, cfg, scales, device, batch, workers, progress and dist.is_main, on_result)
+    for part in dist.all_gather_object(entries):
+        man["matrices"].update(part)
+    _sort(man, all_handles)
+    if dist.is_main:
+        write_json_atomic(out_dir / MANIFEST, man)
+    dist.barrier()
     return man
 
 

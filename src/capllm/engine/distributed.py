@@ -14,9 +14,10 @@ two ways (DESIGN §3, the layer-wise engine):
   broadcast, so all ranks hold the same model after each block.
 
 CAP (:mod:`capllm.methods.cap`): its statistics pass, the block-wise backward pass (each rank
-backpropagates its windows; ``E[g²]`` combined like the moments) and the refit are divided this
-way; Stage 1's robust PCA, the scores and the selection read and write per-model files and run
-on rank 0 while the others wait at a barrier.
+backpropagates its windows; ``E[g²]`` combined like the moments), Stage 1's robust PCA (a
+block's matrices round robin, into the one cache; rank 0 writes the manifest) and the refit are
+divided this way; the scores and the selection read and write per-model files and run on
+rank 0 while the others wait at a barrier.
 
 The perplexity evaluator gathers per-window losses, each computed exactly as alone (a window's
 loss does not depend on the others), so its figure equals the single-process one bit for bit.
