@@ -90,3 +90,15 @@ def test_report_peers_and_allocation_plot(tmp_path):
     text = write_report(tmp_path, None, peers).read_text()
     assert "| wanda | 50% | 66.00 | llm-compressor 0.14 | 60.00 | 1.100 |" in text
     assert (tmp_path / "allocation__m__cap-0.5.png").exists() and not (tmp_path / "allocation__m__wanda-0.5.png").exists()
+
+
+def test_cells_on_several_processes_launch_through_torchrun(tmp_path):
+    from pathlib import Path
+
+    from capllm.grid.run import cell_command
+
+    cfg = BenchConfig(models=("m",), methods=("sparsegpt",), ratios=(0.5,), out=str(tmp_path), nproc=2, python="py")
+    cmd = cell_command(cfg, Cell("m", "sparsegpt", 0.5), Path("cells/x"))
+    assert cmd[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] and cmd[6:9] == ["-m", "capllm", "compress"]
+    one = cell_command(BenchConfig(models=("m",), methods=("sparsegpt",), ratios=(0.5,), out=str(tmp_path), python="py"), Cell("m", "sparsegpt", 0.5), Path("c"))
+    assert one[:4] == ["py", "-m", "capllm", "compress"]

@@ -204,3 +204,26 @@ def test_stage1_robust_pca_is_divided_among_ranks_and_bit_identical(tiny_model_d
 def _tensors_of(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+_LYING = '''
+import os, sys
+from capllm.cli.main import main
+argv = sys.argv[1:]
+if os.environ.get("RANK") == "1":
+    argv[argv.index("--ratio") + 1] = "0.4"
+sys.exit(main(argv))
+'''
+
+
+def test_ranks_with_different_arguments_are_one_line(tiny_model_dir, text_file, tmp_path):
+    script = tmp_path / "lying.py"
+    script.write_text(_LYING)
+    args = ["compress", "--model", str(tiny_model_dir), "--method", "wanda", "--ratio", "0.5", "--calib", str(text_file), "--nsamples", "4",
+            "--seqlen", "24", "--dataset", str(text_file), "--eval-seqlen", "24", "--max-windows", "5", "--out", str(tmp_path / "o"), "--quiet", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    mine = [ln for ln in proc.stderr.splitlines() if ln.startswith("capllm: error: the job")]
+    assert len(mine) == 1 and "differs between ranks" in mine[0] and not (tmp_path / "o").exists()

@@ -209,6 +209,12 @@ def run_compress_job(job: JobConfig, log=print, dist: Dist = SINGLE) -> dict[str
         save_state = lambda *a, **k: None  # noqa: E731,F811
     method = build_method(job.compress)  # fail fast on bad method / ratio / options
     check_distributable(method, dist)
+    if dist.enabled:  # every rank must run the same job
+        mine = hashlib.sha256(json.dumps(job_fingerprint(job), sort_keys=True).encode()).hexdigest()
+        all_ = dist.all_gather_object(mine)
+        if len(set(all_)) > 1:
+            odd = [r for r, h in enumerate(all_) if h != all_[0]]
+            raise CapllmError(f"the job's configuration differs between ranks (rank {odd[0]} differs from rank 0): start every rank with the same arguments")
     if job.save not in SAVE_MODES:
         raise CapllmError(f"--save {job.save!r}: use one of {', '.join(SAVE_MODES)}")
     if job.zeroshot is not None:

@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
     b.add_argument("--gen-prompts", type=int, default=0, help="long-form generation check prompts per cell (default 0 = off)")
     b.add_argument("--gen-tokens", type=int, default=None)
     b.add_argument("--cell-lock", default=None, metavar="FILE", help="hold this lock file (flock) while each cell runs, e.g. a shared heavy-job lock")
+    b.add_argument("--nproc", type=int, default=1, help="run every cell on N processes (torchrun --standalone; see README, several processes)")
     b.add_argument("--report-only", action="store_true", help="only rewrite report.md and the plots from the finished cells")
     b.add_argument("--peers", default=None, metavar="JSON", help="peer rows (from benchmarks/peers/) to compare against in the report")
     b.add_argument("compress_args", nargs="*", help="after --: extra arguments for every `capllm compress`")
@@ -71,7 +72,10 @@ def run(a) -> int:
         models=tuple(m.strip() for m in a.models.split(",") if m.strip()),
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
         ratios=_floats(a.ratios), out=a.out, compress_args=tuple(args + list(a.compress_args)), cell_lock=a.cell_lock,
+        nproc=a.nproc,
     )
+    if a.nproc < 1:
+        raise CapllmError(f"--nproc {a.nproc}: must be ≥ 1")
     peers = json.loads(Path(a.peers).read_text()) if a.peers else None
     if a.report_only:
         print(write_report(a.out, [c.name for c in plan(cfg)], peers))

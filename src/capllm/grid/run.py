@@ -58,6 +58,7 @@ class BenchConfig:
     compress_args: tuple[str, ...] = ()  # passed to every `capllm compress` (protocol, --tasks, --gen-prompts, ...)
     cell_lock: str | None = None
     python: str = field(default_factory=lambda: sys.executable)
+    nproc: int = 1  # > 1: every cell runs on that many processes (torchrun --standalone)
 
 
 def plan(cfg: BenchConfig) -> list[Cell]:
@@ -82,7 +83,8 @@ def plan(cfg: BenchConfig) -> list[Cell]:
 
 
 def cell_command(cfg: BenchConfig, cell: Cell, out: Path) -> list[str]:
-    cmd = [cfg.python, "-m", "capllm", "compress", "--model", cell.model, "--method", cell.method, "--out", str(out), "--quiet"]
+    launch = [cfg.python] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.nproc)] if cfg.nproc > 1 else [])
+    cmd = launch + ["-m", "capllm", "compress", "--model", cell.model, "--method", cell.method, "--out", str(out), "--quiet"]
     if cell.ratio is not None:
         cmd += ["--ratio", f"{cell.ratio:g}"]
     return cmd + list(cfg.compress_args)
