@@ -27,8 +27,11 @@ Features of a cell (T calibration tokens, L blocks, hidden h, vocab V; sums over
           stage2_scores = a P                      stage2_final = a P     refit = a TPG + b O  (OBS solves)
           other         = a LTh + b  (total minus the stages above and evaluation)
           sparsegpt, wanda: compress = a TPG + b O  /  a TPG
-    peak RSS (MiB) = B + c0 + c1 W + c2 A,  W = 4 (Σ_block m n + Σ_block n²) (one block in fp32 and its Grams),
-                     A = 4 T h (one fp32 copy of the hidden states); on a GPU the W term is not on the host.
+    peak RSS (MiB) = E + c0 + c1 W + c2 A,  E = B − P · bytes per weight (embeddings, head and norms: resident
+                     through capture and evaluation; the dense blocks' pages are given back once read and the
+                     compressed blocks are memory-mapped from the work directory), W = 4 (Σ_block m n + Σ_block n²)
+                     (one block in fp32 and its Grams), A = 4 T h (one fp32 copy of the hidden states); on a GPU
+                     the W term is not on the host.
     peak GPU = k · (weights outside the blocks + one block in the compute dtype + its fp32 Grams
                + 48 max(m n) (six float64 RPCA arrays) + 12 seqlen V (logits) + 16 seqlen I);
                k = 1 (a structural estimate) unless GPU cells measure it.
@@ -114,10 +117,11 @@ def shape_params(s: Shape, blocks: int) -> int:
     return blocks * (sum(m * n for m, n in block_linears(s)) + 2 * s.hidden) + s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden
 
 
-def features(lin: list, iters: list, blocks: int, T: int, hidden: int, vocab: int, ckpt_bytes: float) -> dict:
+def features(lin: list, iters: list, blocks: int, T: int, hidden: int, vocab: int, ckpt_bytes: float, wbytes: int = 2) -> dict:
     per = lin[: len(lin) // blocks]
     f = {"P": sum(m * n for m, n in lin), "G": sum(n * n for _, n in lin), "O": sum(n**3 + m * n * n for m, n in lin),
          "R": sum(it * min(m, n) ** 2 * (m + n) for (m, n), it in zip(lin, iters)), "B": ckpt_bytes, "one": 1.0}
+    f["E"] = max(ckpt_bytes - f["P"] * wbytes, 0.0)  # the weights outside the decoder blocks (embeddings, head, norms)
     f.update(TPG=T * (f["P"] + f["G"]), TP=T * f["P"], TH=T * vocab * hidden, LTh=blocks * T * hidden,
              W=4 * (sum(m * n for m, n in per) + sum(n * n for _, n in per)), A=4 * T * hidden)
     return {k: float(v) for k, v in f.items()}
@@ -126,14 +130,14 @@ def features(lin: list, iters: list, blocks: int, T: int, hidden: int, vocab: in
 def target_features(name: str, T: int, iters: int, wbytes: int = 2) -> dict:
     s = SHAPES[name]
     lin = block_linears(s) * s.layers
-    return features(lin, [iters] * len(lin), s.layers, T, s.hidden, s.vocab, shape_params(s, s.layers) * wbytes)
+    return features(lin, [iters] * len(lin), s.layers, T, s.hidden, s.vocab, shape_params(s, s.layers) * wbytes, wbytes)
 
 
 def cell_features(c: dict) -> dict:
     a = c["arch"]
     wbytes = torch.empty(0, dtype=getattr(torch, c["stored_dtype"])).element_size()
     it = c.get("rpca_iterations") or [0] * len(c["linears"])
-    return features(c["linears"], it, a["blocks"], c["calibration"]["tokens"], a["hidden"], a["vocab"], c["params"]["whole_model_dense"] * wbytes)
+    return features(c["linears"], it, a["blocks"], c["calibration"]["tokens"], a["hidden"], a["vocab"], c["params"]["whole_model_dense"] * wbytes, wbytes)
 
 
 def gpu_struct_bytes(s: Shape, blocks_lin: list, seqlen: int, wbytes: int = 2, cbytes: int = 2) -> float:
@@ -459,13 +463,13 @@ def cmd_fit(a) -> None:
     for m, st in BASE_STAGES.items():
         if cs := [c for c in cpu if c["method"] == m]:
             fits[m] = fit_block(cs, st, stage_seconds)
-    # peak RSS − checkpoint = c0 + c1 W + c2 A  (MiB), on cells without evaluation (its peak is the compression's)
+    # peak RSS − outside-block weights = c0 + c1 W + c2 A  (MiB), on cells without evaluation (its peak is the compression's)
     mem = [c for c in cap if not c.get("perplexity")] or cap
     rows = [cell_features(c) for c in mem]
-    rss_coef, rss_pred = nnls_fit(rows, [c["peak_rss_mb"] - f["B"] / MIB for c, f in zip(mem, rows)], ["one", "W", "A"])
-    rss_res = [{"cell": c["cell"], "measured": c["peak_rss_mb"], "fitted": round(p + f["B"] / MIB, 1), "rel_err": round((p + f["B"] / MIB - c["peak_rss_mb"]) / c["peak_rss_mb"], 3)}
+    rss_coef, rss_pred = nnls_fit(rows, [c["peak_rss_mb"] - f["E"] / MIB for c, f in zip(mem, rows)], ["one", "W", "A"])
+    rss_res = [{"cell": c["cell"], "measured": c["peak_rss_mb"], "fitted": round(p + f["E"] / MIB, 1), "rel_err": round((p + f["E"] / MIB - c["peak_rss_mb"]) / c["peak_rss_mb"], 3)}
                for c, p, f in zip(mem, rss_pred, rows)]
-    host_gpu = lambda f: f["B"] / MIB + rss_coef["one"] + rss_coef["A"] * f["A"]  # noqa: E731
+    host_gpu = lambda f: f["E"] / MIB + rss_coef["one"] + rss_coef["A"] * f["A"]  # noqa: E731
     host_gpu_extra = sum(c["peak_rss_mb"] - host_gpu(cell_features(c)) for c in gpu) / len(gpu) if gpu else 0.0
     # iterations for the targets: real-weight cells that were not capped, else the measured SmolLM2 range
     real_its = [it for c in cap if not c["arch"]["synthetic"] and not c.get("rpca_max_iter") for it in (c.get("rpca_iterations") or [])]
@@ -508,7 +512,7 @@ def cmd_fit(a) -> None:
         disk = disk_estimate(meta_model(s, s.layers), "cap", a.nsamples, a.seqlen, "compressed", False)
         preds[tname] = {"params": shape_params(s, s.layers), "checkpoint_gib": f["B"] / GIB, "cpu_s": cpu_t, "gpu_s": gpu_t,
                         "cpu_total_s": sum(cpu_t.values()), "gpu_total_s": sum(gpu_t.values()),
-                        "cpu_rss_gib": (f["B"] / MIB + rss_coef["one"] + rss_coef["W"] * f["W"] + rss_coef["A"] * f["A"]) / 1024,
+                        "cpu_rss_gib": (f["E"] / MIB + rss_coef["one"] + rss_coef["W"] * f["W"] + rss_coef["A"] * f["A"]) / 1024,
                         "gpu_host_rss_gib": (host_gpu(f) + host_gpu_extra) / 1024,
                         "gpu_peak_gib": k_gpu * gpu_struct_bytes(s, block_linears(s), a.seqlen) / GIB, "disk": disk, "disk_gib": disk["total"] / GIB}
         for m in fits:
