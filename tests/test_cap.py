@@ -116,3 +116,76 @@ def test_spread_bounds_each_matrix_share():
         assert a["kept_params"] >= int(0.4 * m * n) - (m + n)
     with pytest.raises(Exception, match="spread"):
         get_method("cap")(0.5, None, {**FAST, "steps": "0", "spread": "-1"}).compress_model(_ctx(tiny_model("llama", seed=3)))
+
+
+def _ctx_held(model, n=4, L=32, held=3, seed=0):
+    from capllm.data.calibration import CalibrationSet
+    from capllm.data.sources import TextSource
+
+    allw = random_calibration(n=n + held, L=L, seed=seed).windows
+    cal = CalibrationSet(allw[:n], TextSource("random", "none", "", "test", 0), seed, allw[n:])
+    return CompressionContext(model, cal, torch.device("cpu"), progress=False)
+
+
+def test_guard_loss_is_the_loss_of_the_masked_model_and_leaves_it_untouched(tmp_path):
+    """masked_loss equals the whole model's loss with every linear replaced by W̃ = U'V'ᵀ + S',
+    and the model's weights are bit-for-bit the same afterwards."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from capllm.allocate.guard import _dense, masked_loss
+    from capllm.allocate.run import CapRun, open_store
+
+    model = tiny_model("llama", seed=5)
+    ctx = _ctx_held(model)
+    o = get_method("cap")(0.5, None, {"rpca_max_iter": "20", "stage1_dir": str(tmp_path / "s1")}).options
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with open_store(ctx) as store:
+        run = CapRun(ctx, o, store)
+        run.stage1(); run.fisher(); run.scores("fisher", "none")
+        run.select(run.budget(0.5), 0.5, float("inf"))
+        got = masked_loss(ctx, run.decision, ctx.calibration.held_out)
+        ref_model = copy.deepcopy(model)
+        for h in ctx.linears:
+            ref_model.get_submodule(h.name).weight.data = _dense(run.decision(h.name), h.shape)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    w = ctx.calibration.held_out
+    with torch.no_grad():
+        logits = ref_model(w).logits[:, :-1].float()
+    want = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)))
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_guard_switches_to_the_uniform_split_only_when_it_is_better(tmp_path, monkeypatch):
+    """A guard that finds the uniform split better applies exactly cap-uniform's masks; one that
+    finds the global allocation better changes nothing; the statistics windows are the same."""
+    from capllm.allocate import guard as guard_mod
+
+    opts = {"rpca_max_iter": "20", "stage1_dir": str(tmp_path / "s1")}
+    runs = {}
+    for tag, method, extra in (("plain", "cap", {}), ("uniform", "cap-uniform", {})):
+        model = tiny_model("llama", seed=6)
+        ctx = _ctx_held(model)
+        get_method(method)(0.5, None, {**opts, **extra}).compress_model(ctx)
+        runs[tag] = [(a["rank_kept"], a["nnz_kept"]) for a in ctx.extra["allocation"]]
+    assert runs["plain"] != runs["uniform"]
+    for prefer, want in (("uniform", "uniform"), ("global", "plain")):
+        losses = iter([1.0, 2.0] if prefer == "global" else [2.0, 1.0])  # (global, uniform)
+        monkeypatch.setattr(guard_mod, "masked_loss", lambda ctx, decide, windows: next(losses))
+        model = tiny_model("llama", seed=6)
+        ctx = _ctx_held(model)
+        get_method("cap")(0.5, None, {**opts, "guard": "uniform", "guard_windows": "3"}).compress_model(ctx)
+        g = ctx.extra["guard"]
+        assert g["chosen"] == prefer and g["windows"] == 3
+        assert [(a["rank_kept"], a["nnz_kept"]) for a in ctx.extra["allocation"]] == runs[want]
+        assert sum(r.kept_params for r in ctx.records.values()) == ctx.extra["budget"]["achieved"] <= ctx.extra["budget"]["target"]
+
+
+def test_guard_windows_are_drawn_after_the_calibration_windows():
+    from capllm.data.calibration import sample_windows
+
+    ids = torch.arange(5000)
+    a = sample_windows(ids, 6, 32, 3)
+    b = sample_windows(ids, 6 + 4, 32, 3)
+    assert torch.equal(a, b[:6])  # adding held-out windows leaves the statistics' windows as they were

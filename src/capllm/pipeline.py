@@ -105,7 +105,7 @@ def compress(model, tokenizer, cfg: CompressConfig = CompressConfig(), timer: St
     calib = None
     if method.needs_calibration:
         with timer.stage("calibration_data"):
-            calib = load_calibration(tokenizer, cfg.calibration)
+            calib = load_calibration(tokenizer, cfg.calibration, held_out=int(getattr(method, "held_out_windows", 0)))
     dtype = compute_dtype(cfg.dtype, device)
     with contextlib.ExitStack() as stack:
         work = cfg.work_dir

@@ -278,10 +278,48 @@ class CapRun:
         self.store.finish_stage("select", out)
         return out
 
+    # --- the allocation guard -------------------------------------------------------------------
+    def guard(self, sel: dict, ratio: float, windows: torch.Tensor | None) -> tuple[dict, dict]:
+        """Check the selected (global) mask against the uniform split on held-out windows
+        (:mod:`capllm.allocate.guard`); when the uniform one's loss is lower it becomes the mask.
+        Returns ``(selection, guard record)``; resumable (the choice is recorded before it is applied)."""
+        if windows is None or len(windows) == 0:
+            raise CapllmError("cap option guard=uniform needs held-out calibration windows (guard_windows ≥ 1)")
+        store = self.store
+        info = store.stage("guard") or self._on_main(lambda: self._guard_losses(ratio, windows, sel["budget"]["target"]), "guard")
+        if info["chosen"] == "uniform":
+            sel = store.stage("guard-applied") or self._on_main(lambda: self._apply_uniform(sel["budget"]["target"]), "guard-applied")
+        return sel, info
+
+    def _guard_losses(self, ratio: float, windows: torch.Tensor, budget: int) -> dict:
+        from capllm.allocate.guard import masked_loss
+
+        ctx, store = self.ctx, self.store
+        with ctx.timer.stage("guard"):
+            segs = self.segments()
+            for k, h in enumerate(ctx.linears):
+                store.save_keep(h.name, greedy_fill(self.load_key(k), _costs(segs[k]), int((1.0 - ratio) * h.numel)), kind="keep-uniform")
+            loss_global = masked_loss(ctx, self.decision, windows)
+            loss_uniform = masked_loss(ctx, lambda n: self.decision(n, kind="keep-uniform"), windows)
+        info = {"against": "uniform", "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "loss_global": loss_global,
+                "loss_uniform": loss_uniform, "chosen": "uniform" if loss_uniform < loss_global else "global",
+                "measured_on": "held-out calibration windows, Stage 1 values before the refit"}
+        store.finish_stage("guard", info)
+        return info
+
+    def _apply_uniform(self, budget: int) -> dict:
+        self._segs = segs = self.segments()
+        rows, store_keep = self.keep_writer()
+        for k, h in enumerate(self.ctx.linears):
+            store_keep(k, self.store.keep(h.name, kind="keep-uniform"))
+        out = self._finish_select({"guard": "uniform split chosen"}, rows, budget)
+        self.store.finish_stage("guard-applied", out)
+        return out
+
     # --- apply --------------------------------------------------------------------------------
-    def decision(self, name: str) -> Decision:
+    def decision(self, name: str, kind: str = "keep") -> Decision:
         p = self.pool(name)
-        U, V, S = p.compose(self.store.keep(name))
+        U, V, S = p.compose(self.store.keep(name, kind))
         mask = torch.zeros(p.shape, dtype=torch.bool) if S is None else S != 0
         return Decision(U, V, S, mask)
 

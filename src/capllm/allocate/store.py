@@ -13,6 +13,7 @@ them back one matrix at a time. Layout of ``ROOT`` (``<work dir>/cap``)::
     scores/<name>.safetensors     ``key`` = importance / cost of each candidate (fp32, pool order);
                                   metadata: rank, nnz, direction_cost
     keep/<name>.safetensors       ``keep`` (packed bits) — the final mask of that matrix
+    keep-uniform/<name>.safetensors  the uniform split's mask (the allocation guard's alternative)
     stages/<stage>.json           a finished stage and what it reported
 
 Files are written to a temporary name and renamed, so a killed run leaves only complete files
@@ -101,12 +102,13 @@ class CapStore:
             meta = f.metadata() or {}
         return {k: int(v) for k, v in meta.items()}
 
-    def save_keep(self, name: str, keep: torch.Tensor) -> None:
+    def save_keep(self, name: str, keep: torch.Tensor, kind: str = "keep") -> None:
+        """``kind``: ``keep`` (the final mask) or another candidate mask set (``keep-uniform``)."""
         bits = torch.from_numpy(np.packbits(keep.to(torch.bool).numpy()))
-        save_tensors_atomic(self.root / "keep" / f"{name}.safetensors", {"keep": bits}, {"size": str(keep.numel())})
+        save_tensors_atomic(self.root / kind / f"{name}.safetensors", {"keep": bits}, {"size": str(keep.numel())})
 
-    def keep(self, name: str) -> torch.Tensor:
-        tensors, meta = load_tensors(self.root / "keep" / f"{name}.safetensors")
+    def keep(self, name: str, kind: str = "keep") -> torch.Tensor:
+        tensors, meta = load_tensors(self.root / kind / f"{name}.safetensors")
         if "size" not in meta:  # written unpacked (a run started by an earlier version)
             return tensors["keep"].to(torch.bool)
         return torch.from_numpy(np.unpackbits(tensors["keep"].numpy(), count=int(meta["size"])).astype(bool))

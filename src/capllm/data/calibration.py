@@ -34,6 +34,9 @@ class CalibrationSet:
     windows: torch.Tensor
     source: TextSource
     seed: int
+    # windows drawn after ``windows`` from the same seeded stream (so ``windows`` are what they
+    # would be without them), kept out of every statistic: a method's check of its own choice
+    held_out: torch.Tensor | None = None
 
     def describe(self) -> dict:
         n, L = self.windows.shape
@@ -66,8 +69,10 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     return torch.stack([ids[s : s + seqlen] for s in starts])
 
 
-def load_calibration(tokenizer, cfg: CalibrationConfig) -> CalibrationSet:
+def load_calibration(tokenizer, cfg: CalibrationConfig, held_out: int = 0) -> CalibrationSet:
+    """``cfg.nsamples`` windows, and ``held_out`` more from the same stream kept apart."""
     split = "train" if cfg.dataset in ("wikitext2", "c4", "enwiki") else "validation"
     source = load_text(cfg.dataset, split, cfg.data_dir, purpose="calib")
     ids = tokenize_text(tokenizer, source.text)
-    return CalibrationSet(sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed), source, cfg.seed)
+    w = sample_windows(ids, cfg.nsamples + held_out, cfg.seqlen, cfg.seed)
+    return CalibrationSet(w[: cfg.nsamples], source, cfg.seed, w[cfg.nsamples :] if held_out else None)

@@ -74,6 +74,10 @@ class CapOptions(Stage1Options):
     seed: int = 0
     # our addition: reconstruct the kept sparse values on the chosen support (none = the paper)
     refit: str = "obs"  # obs | none
+    # our addition: check the global allocation against the uniform split on held-out calibration
+    # windows before applying it (capllm.allocate.guard); none = always the global allocation
+    guard: str = "none"  # none | uniform
+    guard_windows: int = 4
 
 
 def _normalize(o) -> str:
@@ -89,6 +93,10 @@ def _check_options(o) -> None:
         raise CapllmError(f"cap option loss={o.loss!r}: use lm or recon")
     if getattr(o, "spread", 0.0) < 0:
         raise CapllmError(f"cap option spread={o.spread}: must be ≥ 0 (inf = unconstrained)")
+    if getattr(o, "guard", "none") not in ("none", "uniform"):
+        raise CapllmError(f"cap option guard={o.guard!r}: use none or uniform")
+    if getattr(o, "guard", "none") != "none" and getattr(o, "guard_windows", 1) < 1:
+        raise CapllmError(f"cap option guard_windows={o.guard_windows}: must be ≥ 1 with guard={o.guard}")
 
 
 def _groups(pools: CandidatePools, cost: torch.Tensor, key: torch.Tensor, per_matrix: int) -> torch.Tensor:
@@ -158,6 +166,11 @@ class Cap(Method):
 
     distributed = True  # its stages divide over several processes (the policy excepted)
 
+    @property
+    def held_out_windows(self) -> int:
+        """Calibration windows kept out of every statistic, for the allocation guard."""
+        return self.options.guard_windows if self.options.guard != "none" else 0
+
     def compress_model(self, ctx) -> None:
         o = self.options
         _check_options(o)
@@ -176,9 +189,12 @@ class Cap(Method):
             policy = {"curve": [], "steps": o.steps, "candidates_changed_vs_initial_scores": 0, "kept_cost_changed_vs_initial_scores": 0}
             if o.steps > 0:
                 sel, policy = self._policy(ctx, run, budget, sel)
+            guard = None
+            if o.guard != "none":
+                sel, guard = run.guard(sel, self.ratio, ctx.calibration.held_out)
             run.apply(o.refit)
             ctx.extra.update({"budget": sel["budget"], "pools": sel["pools"], "allocation": sel["allocation"], "policy": policy,
-                              **({"selection": sel["selection"]} if sel.get("selection") else {})})
+                              **({"selection": sel["selection"]} if sel.get("selection") else {}), **({"guard": guard} if guard else {})})
 
     def _policy(self, ctx, run: CapRun, budget: int, sel: dict):
         """REINFORCE over every candidate (whole-model vectors in memory: small models only)."""
