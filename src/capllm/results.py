@@ -33,7 +33,24 @@ def environment() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "capllm_commit": source_commit(),
     }
+
+
+def source_commit() -> str | None:
+    """The git commit capllm runs from (``+dirty`` with uncommitted changes), when it runs from a checkout."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."], capture_output=True, text=True, timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _ver(pkg: str) -> str | None:
