@@ -102,14 +102,19 @@ def choose_mode(model, device: torch.device, mode: str = "auto", compute_dtype: 
 
 
 @torch.no_grad()
-def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, compute_dtype: torch.dtype, progress: bool = False, desc: str = "perplexity") -> torch.Tensor:
+def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, compute_dtype: torch.dtype, progress: bool = False, desc: str = "perplexity",
+                         around_block=None) -> torch.Tensor:
     """Summed next-token NLL (fp64) of each window, running the decoder one block at a time.
 
     Only one block is on ``device`` (cast to ``compute_dtype``) at a time; the hidden states of
     every window wait on CPU between blocks; the head (final norm, LM head, soft-capping) runs on
     the last block's outputs (:class:`capllm.engine.head.Head`). The same function as the whole
-    model's forward, in bounded memory.
+    model's forward, in bounded memory. ``around_block(i, block)``: a context manager entered
+    while block ``i`` runs on the device (e.g. to run it with other weights; the evaluator itself
+    knows no method).
     """
+    import contextlib
+
     from capllm.engine.capture import block_to, capture_block_inputs, cast_floats, release_block, stored_dtype
     from capllm.engine.head import Head
     from capllm.engine.layerwise import place_outside_blocks
@@ -124,9 +129,10 @@ def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, com
         keep = stored_dtype(block)
         block_to(block, device, compute_dtype)
         args, kwargs = captured.per_block[i]
-        for s in range(len(hidden)):  # in place: one window's old and new states at a time
-            out = block(hidden[s].to(device), *cast_floats(args[s], device, compute_dtype), **cast_floats(kwargs[s], device, compute_dtype))
-            hidden[s] = (out[0] if isinstance(out, (tuple, list)) else out).to(cpu)
+        with around_block(i, block) if around_block is not None else contextlib.nullcontext():
+            for s in range(len(hidden)):  # in place: one window's old and new states at a time
+                out = block(hidden[s].to(device), *cast_floats(args[s], device, compute_dtype), **cast_floats(kwargs[s], device, compute_dtype))
+                hidden[s] = (out[0] if isinstance(out, (tuple, list)) else out).to(cpu)
         block_to(block, cpu, keep)
         release_block(block)
     head = Head(model, device)
