@@ -334,9 +334,10 @@ def cmd_measure(a) -> None:
 
 
 def load_cells(d: Path) -> list[dict]:
-    skip = {"scale.json", "fit.json"}
-    return [json.loads(p.read_text()) for p in sorted(Path(d).glob("*.json")) if p.name not in skip and not p.name.endswith(".failed.json")
-            and not p.name.startswith(("probe", "kill-resume"))]
+    skip = {"scale.json", "fit.json", "real.json"}  # real.json: benchmarks/scale_real.py's table, not a cell
+    out = [json.loads(p.read_text()) for p in sorted(Path(d).glob("*.json")) if p.name not in skip and not p.name.endswith(".failed.json")
+           and not p.name.startswith(("probe", "kill-resume"))]
+    return [c for c in out if isinstance(c, dict) and "device" in c]
 
 
 def cmd_summary(a) -> None:
@@ -544,7 +545,7 @@ def report(o: dict, cells: list[dict]) -> str:
             L.append(f"| {m} | {st} | {' + '.join(f'{c:.3g}·{k}' for k, c in v['coef'].items())} | {max(errs) if errs else 0:.0%} |")
     r = o["rss"]
     errs = [abs(x["rel_err"]) for x in r["residuals"]]
-    L.append(f"| cap | peak RSS MiB | B/MiB + {' + '.join(f'{c:.3g}·{k}' for k, c in r['coef'].items())} | {max(errs):.0%} |")
+    L.append(f"| cap | peak RSS MiB | E/MiB (weights outside the blocks) + {' + '.join(f'{c:.3g}·{k}' for k, c in r['coef'].items())} | {max(errs):.0%} |")
     it, tc = o["iterations"], o["target_calibration"]
     L += ["", f"## Predictions: CAP at 50 %, {tc['nsamples']}×{tc['seqlen']} calibration tokens, {it['value']} RPCA iterations/matrix ({it['source']}), bf16 checkpoints", "",
           "| model | params | checkpoint GiB | 2-core CPU: wall | CPU peak RSS GiB | 1 GPU (80 GB): wall | GPU host RSS GiB | peak GPU GiB | disk GiB (work + saved) |", "|---|---|---|---|---|---|---|---|---|"]
