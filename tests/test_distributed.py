@@ -19,12 +19,21 @@ import capllm
 SRC = Path(capllm.__file__).resolve().parents[1]
 
 
-def _compress(model_dir: Path, text: Path, out: Path, method: str, nproc: int, extra: list[str] = ()) -> subprocess.CompletedProcess:
-    args = ["-m", "capllm", "compress", "--model", str(model_dir), "--method", method, "--ratio", "0.5", "--calib", str(text), "--nsamples", "4",
+def _args(model_dir: Path, text: Path, out: Path, method: str, extra=()) -> list[str]:
+    return ["compress", "--model", str(model_dir), "--method", method, "--ratio", "0.5", "--calib", str(text), "--nsamples", "4",
             "--seqlen", "24", "--dataset", str(text), "--eval-seqlen", "24", "--max-windows", "5", "--out", str(out), "--quiet", "--device", "cpu", *extra]
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []) + args
+
+
+def _launch(args: list[str], nproc: int, script: Path | None = None) -> subprocess.CompletedProcess:
+    """``capllm`` (or ``script``, which calls capllm's main) on ``nproc`` processes via torchrun."""
+    target = [str(script)] if script is not None else ["-m", "capllm"]
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 or script else []) + target + args
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _compress(model_dir: Path, text: Path, out: Path, method: str, nproc: int, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    return _launch(_args(model_dir, text, out, method, extra), nproc)
 
 
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -113,11 +122,7 @@ def test_a_rank_that_dies_ends_the_run_and_the_rerun_resumes(tiny_model_dir, tex
     script = tmp_path / "dying.py"
     script.write_text(_DYING)
     out = tmp_path / "run"
-    args = ["compress", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--ratio", "0.5", "--calib", str(text_file), "--nsamples", "4",
-            "--seqlen", "24", "--dataset", str(text_file), "--eval-seqlen", "24", "--max-windows", "5", "--out", str(out), "--quiet", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    died = _launch(_args(tiny_model_dir, text_file, out, "sparsegpt"), 2, script)
     assert died.returncode != 0 and not out.exists()
     state = json.loads((out.parent / "run.work" / "compress" / "passes" / "sparsegpt" / "state.json").read_text())
     assert 0 <= state["done"] < state["blocks"] - 1  # stopped part-way
@@ -134,11 +139,7 @@ def test_resuming_on_another_number_of_ranks_is_one_line(tiny_model_dir, text_fi
     script = tmp_path / "dying.py"
     script.write_text(_DYING)
     out = tmp_path / "run"
-    args = ["compress", "--model", str(tiny_model_dir), "--method", "wanda", "--ratio", "0.5", "--calib", str(text_file), "--nsamples", "4",
-            "--seqlen", "24", "--dataset", str(text_file), "--eval-seqlen", "24", "--max-windows", "5", "--out", str(out), "--quiet", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    died = _launch(_args(tiny_model_dir, text_file, out, "wanda"), 2, script)
     assert died.returncode != 0
     alone = _compress(tiny_model_dir, text_file, out, "wanda", 1)
     assert alone.returncode != 0
@@ -219,11 +220,7 @@ sys.exit(main(argv))
 def test_ranks_with_different_arguments_are_one_line(tiny_model_dir, text_file, tmp_path):
     script = tmp_path / "lying.py"
     script.write_text(_LYING)
-    args = ["compress", "--model", str(tiny_model_dir), "--method", "wanda", "--ratio", "0.5", "--calib", str(text_file), "--nsamples", "4",
-            "--seqlen", "24", "--dataset", str(text_file), "--eval-seqlen", "24", "--max-windows", "5", "--out", str(tmp_path / "o"), "--quiet", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = _launch(_args(tiny_model_dir, text_file, tmp_path / "o", "wanda"), 2, script)
     assert proc.returncode != 0
     mine = [ln for ln in proc.stderr.splitlines() if ln.startswith("capllm: error: the job")]
     assert len(mine) == 1 and "differs between ranks" in mine[0] and not (tmp_path / "o").exists()

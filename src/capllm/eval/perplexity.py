@@ -158,7 +158,7 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_windows: int | 
         raise CapllmError("--max-windows must be ≥ 1")
     windows = ids[: nwin * seqlen].view(nwin, seqlen)
     mine = slice(0, nwin) if dist is None or not dist.enabled else dist.shard(nwin)
-    windows_all, windows = windows, windows[mine]
+    windows = windows[mine]
     was_training = model.training
     model.eval()
     mode = choose_mode(model, device, mode)
@@ -178,7 +178,6 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_windows: int | 
         bar.close()
     if dist is not None and dist.enabled:
         sums = [v for part in dist.all_gather_object(sums) for v in part]  # contiguous shards: window order
-    del windows_all
     for j, v in enumerate(sums):
         if not math.isfinite(v):
             raise CapllmError(f"non-finite loss in evaluation window {j} (tokens {j * seqlen}–{(j + 1) * seqlen - 1}): the model produces NaN/Inf")
