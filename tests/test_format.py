@@ -101,7 +101,11 @@ def test_rank_zero_factors_mean_no_low_rank_part():
         LowRankSparseLinear.from_factors(None, None, None, b)
 
 
-def test_auto_layout_rule_and_probe():
+def test_auto_layout_rule_and_probe(monkeypatch):
+    """The dense / CSR rule, for a device with no packed kernel (the kernel's probe: test_kernels)."""
+    import capllm.format.execution as execution
+
+    monkeypatch.setattr(execution, "kernel_backend", lambda device: None)
     U, V, S, b = _factors(64, 64, density=0.5)
     layout, why = choose_layout(S, "auto")
     assert layout == "dense" and "dense_ms" not in why and why["density"] > AUTO_CSR_MAX_DENSITY
@@ -250,11 +254,11 @@ def test_config_lists_every_compressed_module(saved, case):
 
 
 def test_sparse_only_loads_as_the_architectures_own_modules(saved):
-    model, _ = capllm.load_compressed(saved[("gpt2", "wanda")]["dir"])
+    model, _ = capllm.load_compressed(saved[("gpt2", "wanda")]["dir"], execution="dense")
     from transformers.pytorch_utils import Conv1D
 
     mod = model.get_submodule("transformer.h.0.attn.c_attn")
-    assert type(mod) is Conv1D and mod.capllm_decision["policy"] == "auto"
+    assert type(mod) is Conv1D and mod.capllm_decision["policy"] == "dense"
     desc = capllm.describe_execution(model)
     assert desc["summary"] == {"dense": 8}
     with torch.no_grad():

@@ -1,20 +1,28 @@
-"""Which kernel runs ``S x``: dense or CSR, chosen per layer at load time, and recorded.
+"""Which kernel runs ``S x``: the packed bitmask kernel, dense, or CSR — chosen per layer, per
+device and per token count at load time, by measuring once, and recorded.
 
-Policy ``auto`` (the default):
+Policy ``auto`` (the default), for each sparse part ``S (m × n)`` of density ``d``:
 
-1. density ``nnz / (m·n)`` above :data:`AUTO_CSR_MAX_DENSITY` (10 %) → **dense**, no probe. On
-   the 2-core CPU here torch's CSR × dense product (MKL) was 2.5–4× *slower* than the dense
-   GEMM at 50 % density and roughly even at 10–30 %, for 1 and 512 tokens
-   (benchmarks/format.md); int32 CSR also needs ``nnz · (itemsize + 4)`` bytes, so it saves no
-   memory over dense fp32 above 50 % density.
-2. otherwise a timing probe on the target device: the median of 5 runs of each path on
-   ``PROBE_TOKENS`` random tokens; CSR is chosen only when it is at least 10 % faster. Results
-   are cached per (device, shape, density to 1 %, dtype) so identical layers probe once.
+1. **bitmask kernel** (:mod:`capllm.kernels`) when one serves the device and packing pays
+   (``d < 1 − 1/(8·itemsize)``): a probe times the kernel against the dense GEMM at
+   :data:`DECODE_TOKENS` tokens, each run *cache-cold* (the caches are flushed first, because in
+   a model's decode step every weight comes from DRAM, and batch-1 decode is bound by the bytes
+   read). ``kernel_max_tokens`` is the largest probed token count up to which the kernel is at
+   least :data:`KERNEL_MARGIN` faster; longer inputs (prefill) unpack ``S`` once per call and
+   run the dense GEMM — the probe also times that at :data:`PREFILL_TOKENS` tokens and records
+   it as ``prefill_ratio``. The layer keeps only the packed bytes. If the kernel loses even at
+   one token the layer goes to rule 2.
+2. density above :data:`AUTO_CSR_MAX_DENSITY` (10 %) → **dense**. On the 2-core CPU here
+   torch's CSR × dense product was 2.5–4× *slower* than dense at 50 % density
+   (benchmarks/format.md).
+3. otherwise a hot timing probe of CSR against dense on ``PROBE_TOKENS`` tokens; CSR only when
+   at least 10 % faster.
 
-Policies ``dense`` and ``csr`` force one path everywhere (for measurements). Every choice is
-kept on the module (``LowRankSparseLinear.decision``, or ``capllm_decision`` on a plain
-``nn.Linear``/``Conv1D`` that the dense fallback restores), and :func:`describe_execution` lists
-them.
+Probes are cached per (device, threads, shape, density to 5 %, dtypes), so same-shaped layers
+probe once. Policies ``dense``, ``csr`` and ``kernel`` force one layout everywhere (for
+measurements; ``kernel`` keeps ``kernel_max_tokens`` at its default). Every choice is kept on the
+module (``LowRankSparseLinear.decision``, or ``capllm_decision`` on a plain ``nn.Linear``/``Conv1D``
+that the dense fallback restores) and :func:`describe_execution` lists them.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,15 +38,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from capllm.errors import CapllmError
-from capllm.format.modules import LowRankSparseLinear, to_csr
+from capllm.format.modules import DEFAULT_KERNEL_MAX_TOKENS, LowRankSparseLinear, to_csr
+from capllm.kernels import BitmaskMatrix, kernel_backend, kernel_unavailable_reason
 
-POLICIES = ("auto", "dense", "csr")
+POLICIES = ("auto", "dense", "csr", "kernel")
 AUTO_CSR_MAX_DENSITY = 0.10
 PROBE_TOKENS = 16
 PROBE_REPEATS = 5
 CSR_MARGIN = 0.9  # CSR must take < 90 % of the dense time
+DECODE_TOKENS = (1, 4, 8)
+PREFILL_TOKENS = 128
+KERNEL_MARGIN = 0.95  # the kernel must take < 95 % of the cache-cold dense time
+COLD_REPEATS = 3
 
 _probe_cache: dict[tuple, dict[str, Any]] = {}
+_flush_buffers: dict[str, torch.Tensor] = {}
 
 
 def check_policy(policy: str) -> str:
@@ -51,11 +66,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn, device: torch.device) -> float:
+def _median_ms(fn, device: torch.device, repeats: int = PROBE_REPEATS, flush: bool = False) -> float:
     fn()
     _sync(device)
     times = []
-    for _ in range(PROBE_REPEATS):
+    for _ in range(repeats):
+        if flush:
+            _flush_caches(device)
         t = time.perf_counter()
         fn()
         _sync(device)
@@ -63,8 +80,29 @@ def _median_ms(fn, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _last_level_cache_bytes() -> int:
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        txt = f.read_text().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        try:
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+        except ValueError:
+            pass
+    return best or (32 << 20)
+
+
+def _flush_caches(device: torch.device) -> None:
+    """Evict the caches by streaming a buffer of twice the last-level cache (L2 on a GPU)."""
+    key = str(device)
+    if key not in _flush_buffers:
+        size = 2 * (_last_level_cache_bytes() if device.type == "cpu" else 64 << 20)
+        _flush_buffers[key] = torch.ones(min(size, 256 << 20) // 4, device=device)
+    _flush_buffers[key].mul_(1.0)
+
+
 def probe(S: torch.Tensor, tokens: int = PROBE_TOKENS) -> dict[str, Any]:
-    """Time ``S x`` dense and CSR on ``S``'s device for ``tokens`` random inputs."""
+    """Time ``S x`` dense and CSR on ``S``'s device for ``tokens`` random inputs (caches hot)."""
     dev = S.device
     x = torch.randn(tokens, S.shape[1], dtype=S.dtype, device=dev)
     out: dict[str, Any] = {"probe_tokens": tokens}
@@ -79,17 +117,71 @@ def probe(S: torch.Tensor, tokens: int = PROBE_TOKENS) -> dict[str, Any]:
     return out
 
 
-def choose_layout(S: torch.Tensor, policy: str = "auto") -> tuple[str, dict[str, Any]]:
-    """``("dense" | "csr", decision)`` for the dense matrix ``S`` on its target device."""
+def probe_kernel(S: torch.Tensor, packed: BitmaskMatrix) -> dict[str, Any]:
+    """Cache-cold times of the packed kernel and the dense GEMM at :data:`DECODE_TOKENS`, and of
+    prefill (unpack + GEMM vs GEMM) at :data:`PREFILL_TOKENS` tokens."""
+    dev = S.device
+    out: dict[str, Any] = {"kernel_ms": {}, "dense_cold_ms": {}}
+    with torch.inference_mode():
+        for t in DECODE_TOKENS:
+            x = torch.randn(t, S.shape[1], dtype=S.dtype, device=dev)
+            out["dense_cold_ms"][t] = round(_median_ms(lambda: F.linear(x, S), dev, COLD_REPEATS, flush=True), 4)
+            out["kernel_ms"][t] = round(_median_ms(lambda: packed.matmul(x), dev, COLD_REPEATS, flush=True), 4)
+        x = torch.randn(PREFILL_TOKENS, S.shape[1], dtype=S.dtype, device=dev)
+        dense = _median_ms(lambda: F.linear(x, S), dev, COLD_REPEATS)
+        unpacked = _median_ms(lambda: F.linear(x, packed.dense().to(S.dtype)), dev, COLD_REPEATS)
+    out["prefill_ratio"] = round(unpacked / dense, 4)
+    max_tokens = 0
+    for t in DECODE_TOKENS:
+        if out["kernel_ms"][t] >= KERNEL_MARGIN * out["dense_cold_ms"][t]:
+            break
+        max_tokens = t
+    out["kernel_max_tokens"] = max_tokens
+    return out
+
+
+def _packing_pays(density: float, itemsize: int) -> bool:
+    return density < 1 - 1 / (8 * itemsize)
+
+
+def choose_layout(S: torch.Tensor, policy: str = "auto", packed: BitmaskMatrix | None = None,
+                  value_dtype: torch.dtype | None = None) -> tuple[str, dict[str, Any]]:
+    """``("dense" | "csr" | "bitmask", decision)`` for the dense matrix ``S`` on its target device.
+
+    ``packed``: ``S`` already in the bitmask layout (built from ``S`` when needed and absent);
+    ``value_dtype``: the dtype the bitmask layout stores the values in (default ``S``'s).
+    """
     m, n = S.shape
     nnz = int((S != 0).sum())
     density = nnz / (m * n)
+    threads = torch.get_num_threads() if S.device.type == "cpu" else None
     decision: dict[str, Any] = {"policy": policy, "density": round(density, 6), "device": str(S.device)}
+    if threads is not None:
+        decision["threads"] = threads
     if policy in ("dense", "csr"):
         return policy, {**decision, "reason": f"forced by policy {policy}"}
+    backend = kernel_backend(S.device)
+    if policy == "kernel":
+        why = "forced by policy kernel" + ("" if backend else f" (no kernel here: {kernel_unavailable_reason(S.device)}; runs by unpacking)")
+        return "bitmask", {**decision, "backend": backend, "kernel_max_tokens": DEFAULT_KERNEL_MAX_TOKENS, "reason": why}
+    vdt = value_dtype or S.dtype
+    if backend is None:
+        decision["kernel"] = f"unavailable: {kernel_unavailable_reason(S.device)}"
+    elif not _packing_pays(density, torch.finfo(vdt).bits // 8):
+        decision["kernel"] = f"density {density:.3f}: packing does not pay"
+    else:
+        key = ("kernel", str(S.device), threads, m, n, round(density * 20) / 20, S.dtype, vdt)
+        if key not in _probe_cache:
+            _probe_cache[key] = probe_kernel(S, packed if packed is not None else BitmaskMatrix.from_dense(S, vdt))
+        timing = _probe_cache[key]
+        if timing["kernel_max_tokens"] > 0:
+            t1 = DECODE_TOKENS[0]
+            return "bitmask", {**decision, "backend": backend, **timing,
+                               "reason": f"probe (cache-cold, {t1} token): kernel {timing['kernel_ms'][t1]} ms vs dense {timing['dense_cold_ms'][t1]} ms"}
+        decision.update(backend=backend, kernel_ms=timing["kernel_ms"], dense_cold_ms=timing["dense_cold_ms"], kernel="slower than dense at 1 token")
     if density > AUTO_CSR_MAX_DENSITY:
         return "dense", {**decision, "reason": f"density {density:.3f} > {AUTO_CSR_MAX_DENSITY}: CSR does not pay"}
-    key = (str(S.device), m, n, round(density, 2), S.dtype)
+    key = (str(S.device), threads, m, n, round(density, 2), S.dtype)
     if key not in _probe_cache:
         _probe_cache[key] = probe(S)
     timing = _probe_cache[key]
@@ -103,7 +195,10 @@ def describe_execution(model: nn.Module) -> dict[str, Any]:
     rows = []
     for name, mod in model.named_modules():
         if isinstance(mod, LowRankSparseLinear):
-            rows.append({"name": name, "path": mod.execution, "rank": mod.rank, "nnz": mod.nnz, **(mod.decision or {})})
+            row = {"name": name, "path": mod.execution, "rank": mod.rank, "nnz": mod.nnz, **(mod.decision or {})}
+            if mod.sparse_layout == "bitmask":
+                row["kernel_max_tokens"] = mod.kernel_max_tokens
+            rows.append(row)
         elif getattr(mod, "capllm_decision", None) is not None:
             rows.append({"name": name, "path": "dense", "rank": 0, **mod.capllm_decision})
     return {"modules": rows, "summary": dict(Counter(r["path"] for r in rows))}

@@ -7,9 +7,11 @@ transformers' loader fill it (meta-device init, then materialised from the safet
 the same class that ``trust_remote_code`` loading uses, taken from capllm's own copy of
 ``modeling_capllm.py`` — no code from the directory runs); refuse missing, unexpected or
 mis-shaped tensors; then turn each packed module into its fastest runnable form on ``device``
-(:mod:`capllm.format.execution`): a :class:`LowRankSparseLinear` holding ``S`` dense or CSR, or,
-for a sparse-only layer on the dense path, the architecture's own ``nn.Linear``/``Conv1D`` with
-the unpacked weight (bit-for-bit the in-memory compressed layer).
+(:mod:`capllm.format.execution`): a :class:`LowRankSparseLinear` holding ``S`` packed (the
+bitmask kernel; only the packed bytes stay in memory), dense or CSR, or, for a sparse-only layer
+on the dense path, the architecture's own ``nn.Linear``/``Conv1D`` with the unpacked weight
+(bit-for-bit the in-memory compressed layer). Layers are converted one at a time, so at most
+one layer's dense ``S`` exists beside the packed model.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from capllm.format import modeling_capllm
 from capllm.format.bitmask import csr_from_bitmask, unpack_bitmask
 from capllm.format.execution import check_policy, choose_layout
 from capllm.format.modules import LowRankSparseLinear
+from capllm.kernels import VALUE_DTYPES, BitmaskMatrix
 
 
 def read_section(path: Path) -> dict:
@@ -72,19 +75,21 @@ def _plain_module(kind: str, W: torch.Tensor, bias: torch.Tensor | None) -> nn.M
     return mod
 
 
-def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str) -> nn.Module:
+def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str, sparse_dtype: torch.dtype | None) -> nn.Module:
     """Replace one packed module by its runnable form (see the module docstring)."""
     shape = tuple(spec["shape"])
     bias = None if packed.bias is None else packed.bias.data
-    S = None
+    S = bits = None
     if packed.layout == "bitmask":
         S = unpack_bitmask(packed.S_values.data, packed.S_bitmask, shape)
+        vdt = sparse_dtype or packed.S_values.dtype
+        bits = BitmaskMatrix.from_packed(packed.S_values.data, packed.S_bitmask, shape, vdt) if vdt in VALUE_DTYPES else None
     elif packed.layout == "dense":
         S = packed.S.data
     decision = None
     layout = None
     if S is not None:
-        layout, decision = choose_layout(S, policy)
+        layout, decision = choose_layout(S, policy, bits, sparse_dtype)
         decision["nnz"] = int(spec.get("nnz", 0))
     if packed.U is None and layout == "dense":
         mod = _plain_module(spec.get("kind", "linear"), S, bias)
@@ -92,13 +97,18 @@ def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str) -> 
         return mod
     if layout == "csr" and packed.layout == "bitmask":
         S = csr_from_bitmask(packed.S_values.data, packed.S_bitmask, shape)
+    if layout == "bitmask" and bits is None:
+        bits = BitmaskMatrix.from_dense(S, sparse_dtype)
     ref = packed.U if packed.U is not None else packed.S_values if packed.layout == "bitmask" else packed.S
     with torch.device("meta"):
         mod = LowRankSparseLinear(shape[1], shape[0], 0, False, False, dtype=ref.dtype)
     if packed.U is not None:
         mod.U = nn.Parameter(packed.U.data, requires_grad=False)
         mod.V = nn.Parameter(packed.V.data, requires_grad=False)
-    if S is not None:
+    if layout == "bitmask":
+        mod.set_packed(bits, S.dtype)
+        mod.kernel_max_tokens = decision.get("kernel_max_tokens", mod.kernel_max_tokens)
+    elif S is not None:
         mod.S = nn.Parameter(S, requires_grad=False)
         if layout == "csr":
             mod.set_sparse_layout("csr")
@@ -108,17 +118,32 @@ def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str) -> 
     return mod
 
 
-def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu", execution: str = "auto"):
+def _value_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype) and name in VALUE_DTYPES:
+        return name
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if dt not in VALUE_DTYPES:
+        raise CapllmError(f"sparse_dtype {name!r} is not one of float32, bfloat16, float16")
+    return dt
+
+
+def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu", execution: str = "auto",
+                    sparse_dtype: str | torch.dtype | None = None):
     """Load a capllm compressed model directory → ``(model, tokenizer or None)``.
 
-    ``execution``: ``auto`` (dense or CSR per layer, see :mod:`capllm.format.execution`),
-    ``dense`` or ``csr``. :func:`capllm.format.describe_execution` says what was chosen.
+    ``execution``: ``auto`` (bitmask kernel, dense or CSR per layer, measured once: see
+    :mod:`capllm.format.execution`), ``dense``, ``csr`` or ``kernel``.
+    :func:`capllm.format.describe_execution` says what was chosen and why.
+    ``sparse_dtype``: store the non-zeros of the layers that run the bitmask kernel as
+    ``bfloat16`` or ``float16`` (fewer bytes read per token; each value rounded once to that
+    dtype, products still accumulate in fp32); default: the checkpoint's dtype.
     """
     import transformers
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     check_policy(execution)
+    sparse_dtype = _value_dtype(sparse_dtype)
     path = Path(path).expanduser()
     section = read_section(path)
     verify(path, section)
@@ -151,7 +176,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     for spec in section.get("modules", []):
         parent, _, child = spec["name"].rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, _runnable(getattr(owner, child), spec, execution))
+        setattr(owner, child, _runnable(getattr(owner, child), spec, execution, sparse_dtype))
     model.eval()
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):

@@ -22,9 +22,12 @@ Storage of one compressed linear ``y = U'(V'ᵀx) + S x + b`` (shape ``(out, in)
   significant first) of byte ``j // 8`` in row ``i`` set iff ``S[i, j] != 0``;
 * ``<name>.bias (out,)`` when the layer has one.
 
-Here ``S`` is unpacked to a dense matrix on the first forward and cached (not saved); capllm's own
-loader (``capllm.load_compressed``) instead picks dense or CSR execution per layer and frees the
-packed form.
+Execution of a bitmask ``S``: when capllm is installed and has a packed kernel for the device
+(``capllm.kernels``: compiled on CPU, Triton on CUDA), inputs of at most ``KERNEL_MAX_TOKENS``
+tokens (decode) run it straight from the packed values, and longer ones (prefill) unpack ``S``
+for that call only — no dense copy is kept. Without capllm (or without a kernel) ``S`` is
+unpacked to a dense matrix on the first forward and cached (not saved). capllm's own loader
+(``capllm.load_compressed``) goes further and measures, per layer, which path is fastest.
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ from torch import nn
 FORMAT_VERSION = 1
 CONFIG_KEY = "capllm"
 CLASS_PREFIX = "Capllm"
+KERNEL_MAX_TOKENS = 8
+
+
+def _capllm_kernels():
+    """``capllm.kernels`` when capllm is installed, else ``None`` (this file must run without it)."""
+    try:
+        from capllm import kernels
+    except Exception:
+        return None
+    return kernels
 
 
 def unpack_mask(bitmask: torch.Tensor, n: int) -> torch.Tensor:
@@ -79,6 +92,22 @@ class CapllmLinear(nn.Module):
             raise ValueError(f"capllm: unknown sparse layout {self.layout!r} (this file reads format {FORMAT_VERSION})")
         self.bias = p(out_f) if spec.get("bias") else None
         self._S_cache = None
+        self._packed = None  # a capllm.kernels.BitmaskMatrix over S_values' storage, once built
+
+    def _kernel_matrix(self):
+        """The packed matrix for capllm's kernel on this device, or ``None`` (no capllm / no kernel)."""
+        if self.layout != "bitmask":
+            return None
+        pk = self._packed
+        if pk is not None and pk.device == self.S_values.device and pk.values.data_ptr() == self.S_values.data_ptr():
+            return pk
+        kernels = _capllm_kernels()
+        if kernels is None or kernels.kernel_backend(self.S_values.device) is None or self.S_values.dtype not in kernels.VALUE_DTYPES:
+            return None
+        pk = kernels.BitmaskMatrix.from_packed(self.S_values.data, self.S_bitmask, (self.out_features, self.in_features))
+        self.S_values.data = pk.values[: pk.nnz]  # share the padded copy's storage: no second copy of the values
+        self._packed = pk
+        return pk
 
     def sparse_dense(self) -> torch.Tensor | None:
         """``S`` as a dense matrix (unpacked once per device and dtype, then cached)."""
@@ -89,13 +118,23 @@ class CapllmLinear(nn.Module):
             c = self._S_cache = unpack_bitmask(self.S_values, self.S_bitmask, (self.out_features, self.in_features))
         return c
 
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        pk = self._kernel_matrix() if self._S_cache is None else None
+        if pk is None:
+            return F.linear(x, self.sparse_dense())
+        if x.numel() // self.in_features <= KERNEL_MAX_TOKENS:
+            return pk.matmul(x)
+        return F.linear(x, pk.dense().to(x.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        S = self.sparse_dense()
         if self.U is None:
-            return F.linear(x, S, self.bias)
+            if self.layout == "dense":
+                return F.linear(x, self.S, self.bias)
+            y = self._sparse(x)
+            return y if self.bias is None else y + self.bias
         y = F.linear(F.linear(x, self.V.t()), self.U)
-        if S is not None:
-            y = y + F.linear(x, S)
+        if self.layout is not None:
+            y = y + self._sparse(x)
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -1,16 +1,22 @@
 """``LowRankSparseLinear``: ``y = U'(V'ᵀx) + S x (+ bias)`` — the compressed linear layer.
 
 ``U' (out × r)`` and ``V' (in × r)`` hold the low-rank part with σ folded in (either may be
-absent, ``r = 0``); ``S (out × in)`` is the sparse part, held in one of two layouts:
+absent, ``r = 0``); ``S (out × in)`` is the sparse part, held in one of three layouts:
 
-* ``dense`` — a dense matrix with zeros (what the engine builds; the fast path on CPU unless
-  ``S`` is very sparse: see :mod:`capllm.format.execution`);
+* ``dense`` — a dense matrix with zeros (what the engine builds);
 * ``csr`` — ``torch.sparse_csr`` with int32 indices (``values``, ``col_indices``,
-  ``crow_indices``); ``S x`` runs as the sparse × dense product ``(S @ xᵀ)ᵀ``.
+  ``crow_indices``); ``S x`` runs as the sparse × dense product ``(S @ xᵀ)ᵀ``;
+* ``bitmask`` — the saved packed layout (buffers ``S_values``, ``S_bitmask``, ``S_row_ptr``: a
+  :class:`capllm.kernels.BitmaskMatrix`). An input of at most :attr:`kernel_max_tokens` tokens
+  runs the packed kernel (reads ~half the bytes of dense at 50 % density: the decode path);
+  a longer one unpacks ``S`` once into a transient dense fp32 matrix and runs the dense GEMM
+  (the prefill path), so the module never keeps a dense copy.
 
-:meth:`set_sparse_layout` converts between them in place; :attr:`execution` names the path the
-forward takes (``lowrank``, ``lowrank+dense``, ``lowrank+csr``, ``dense``, ``csr``). Both layouts
-compute the same function; they differ only in floating-point summation order.
+Which layout runs where is chosen at load time by :mod:`capllm.format.execution`.
+:meth:`set_sparse_layout` converts in place; :attr:`execution` names the path the forward
+takes (``lowrank``, ``lowrank+dense``, ``lowrank+csr``, ``lowrank+bitmask``, ``dense``, ``csr``,
+``bitmask``). All layouts compute the same function up to floating-point summation order (and,
+for ``bitmask`` values stored in bf16/fp16, the rounding of ``S``'s entries to that dtype).
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from capllm.kernels import BitmaskMatrix
+
+LAYOUTS = ("dense", "csr", "bitmask")
+DEFAULT_KERNEL_MAX_TOKENS = 8
 
 
 def make_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape, index_dtype: torch.dtype = torch.int32) -> torch.Tensor:
@@ -50,6 +61,8 @@ class LowRankSparseLinear(nn.Module):
         self.S = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False) if sparse else None
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
         self.decision: dict[str, Any] | None = None  # why the loader chose this layout (set by capllm.format.execution)
+        self.kernel_max_tokens = DEFAULT_KERNEL_MAX_TOKENS  # bitmask layout: inputs up to this many tokens run the packed kernel
+        self._packed_shape: tuple[int, int] | None = None
 
     @classmethod
     def from_factors(cls, U, V, S, bias) -> "LowRankSparseLinear":
@@ -72,8 +85,34 @@ class LowRankSparseLinear(nn.Module):
         return 0 if self.U is None else self.U.shape[1]
 
     @property
+    def packed(self) -> BitmaskMatrix | None:
+        """The bitmask-layout ``S`` (``None`` in the other layouts); a view of the module's buffers."""
+        if self._packed_shape is None:
+            return None
+        return BitmaskMatrix(self.S_values, self.S_bitmask, self.S_row_ptr, self._packed_shape)
+
+    def set_packed(self, packed: BitmaskMatrix, dense_dtype: torch.dtype | None = None) -> "LowRankSparseLinear":
+        """Hold ``S`` as ``packed`` (bitmask layout), dropping any dense or CSR ``S``.
+
+        ``dense_dtype``: the dtype ``S`` has as a dense matrix (what :meth:`sparse_dense` and a
+        save give back; default the values' storage dtype)."""
+        self.S = None
+        for name, t in packed.tensors().items():
+            self.register_buffer("S_" + name, t)
+        self._packed_shape = packed.shape
+        self._dense_dtype = dense_dtype or packed.dtype
+        return self
+
+    def _drop_packed(self) -> None:
+        for name in ("S_values", "S_bitmask", "S_row_ptr"):
+            self._buffers.pop(name, None)
+        self._packed_shape = None
+
+    @property
     def sparse_layout(self) -> str | None:
-        """``dense``, ``csr`` or ``None`` (no sparse part)."""
+        """``dense``, ``csr``, ``bitmask`` or ``None`` (no sparse part)."""
+        if self._packed_shape is not None:
+            return "bitmask"
         if self.S is None:
             return None
         return "csr" if self.S.layout == torch.sparse_csr else "dense"
@@ -81,44 +120,61 @@ class LowRankSparseLinear(nn.Module):
     @property
     def execution(self) -> str:
         """The forward path: ``lowrank``, ``lowrank+dense``, ``lowrank+csr``, ``dense`` or ``csr``."""
-        parts = (["lowrank"] if self.U is not None else []) + ([self.sparse_layout] if self.S is not None else [])
+        parts = (["lowrank"] if self.U is not None else []) + ([self.sparse_layout] if self.sparse_layout else [])
         return "+".join(parts)
 
     @property
     def nnz(self) -> int:
+        if self._packed_shape is not None:
+            return self.packed.nnz
         if self.S is None:
             return 0
         return int(self.S._nnz()) if self.S.layout == torch.sparse_csr else int((self.S != 0).sum())
 
     def sparse_dense(self) -> torch.Tensor | None:
-        """``S`` as a dense matrix (a fresh tensor for CSR)."""
+        """``S`` as a dense matrix (a fresh tensor for CSR and bitmask)."""
+        if self._packed_shape is not None:
+            return self.packed.dense().to(self._dense_dtype)
         if self.S is None:
             return None
         return self.S.to_dense() if self.S.layout == torch.sparse_csr else self.S
 
-    def set_sparse_layout(self, layout: str) -> "LowRankSparseLinear":
-        """Hold ``S`` as ``dense`` or ``csr`` (in place; a no-op when it already is)."""
-        if layout not in ("dense", "csr"):
-            raise ValueError(f"unknown sparse layout {layout!r}: use dense or csr")
-        if self.S is None or layout == self.sparse_layout:
+    def set_sparse_layout(self, layout: str, value_dtype: torch.dtype | None = None) -> "LowRankSparseLinear":
+        """Hold ``S`` as ``dense``, ``csr`` or ``bitmask`` (in place; a no-op when it already is).
+
+        ``value_dtype`` (bitmask only): store the non-zeros in this dtype (default: ``S``'s).
+        """
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown sparse layout {layout!r}: use {', '.join(LAYOUTS)}")
+        if self.sparse_layout is None or layout == self.sparse_layout:
             return self
         with torch.no_grad():
-            new = to_csr(self.S.data) if layout == "csr" else self.S.data.to_dense()
+            if layout == "bitmask":
+                dense = self.sparse_dense()
+                return self.set_packed(BitmaskMatrix.from_dense(dense, value_dtype), dense.dtype)
+            dense = self.sparse_dense()
+            self._drop_packed()
+            new = to_csr(dense) if layout == "csr" else dense
         self.S = nn.Parameter(new, requires_grad=False)
         return self
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense equivalent ``U'V'ᵀ + S`` (materialised on each access; for inspection)."""
-        ref = self.U if self.U is not None else self.S
+        ref = self.U if self.U is not None else self.S if self.S is not None else self.S_values
         w = torch.zeros(self.out_features, self.in_features, dtype=ref.dtype, device=ref.device)
         if self.U is not None:
             w = w + self.U @ self.V.t()
-        if self.S is not None:
-            w = w + self.sparse_dense()
+        if self.sparse_layout is not None:
+            w = w + self.sparse_dense().to(ref.dtype)
         return w
 
     def _sparse_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed_shape is not None:
+            packed = self.packed
+            if x.numel() // self.in_features <= self.kernel_max_tokens:
+                return packed.matmul(x)
+            return F.linear(x, packed.dense().to(x.dtype))  # prefill: one transient unpack, then the GEMM
         if self.S.layout != torch.sparse_csr:
             return F.linear(x, self.S)
         x2 = x.reshape(-1, self.in_features)
@@ -127,12 +183,12 @@ class LowRankSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.U is None:  # sparse only: one product, bias fused where the layout allows
-            if self.S.layout != torch.sparse_csr:
+            if self.sparse_layout == "dense":
                 return F.linear(x, self.S, self.bias)
             y = self._sparse_matmul(x)
             return y if self.bias is None else y + self.bias
         y = F.linear(F.linear(x, self.V.t()), self.U)
-        if self.S is not None:
+        if self.sparse_layout is not None:
             y = y + self._sparse_matmul(x)
         if self.bias is not None:
             y = y + self.bias

@@ -1,0 +1,293 @@
+"""Does a compressed model run faster, not only smaller? The bitmask kernel against dense.
+
+Two parts, one JSON (``benchmarks/results/runtime/<name>.json``), a markdown table and a plot:
+
+* ``kernels`` — per matrix shape of SmolLM2-135M and Qwen2.5-1.5B, batch 1: the packed kernel
+  (``capllm.kernels.BitmaskMatrix.matmul``) against the dense GEMV ``F.linear`` at 30 / 50 / 70 %
+  sparsity, values stored in fp32 and bf16, 1 and 2 threads. Every call is DRAM-bound as in a
+  model's decode step: each case cycles through enough distinct copies of the matrix (≥ 4× the
+  last-level cache) that no copy is in cache when it is used. Reported as ratios
+  ``dense time / kernel time`` beside the **bandwidth ceiling**
+  ``dense bytes / (values + mask + row_ptr bytes)``. The bf16 rows compare with the dense fp32
+  GEMV (what runs on a CPU) and also give the ceiling against dense bf16 bytes.
+* ``models`` — end to end, each model in a fresh process (its own peak RSS, ``VmHWM``): greedy
+  decode of ``--new-tokens`` (128) tokens at batch 1 after a short prompt, median of 3; one
+  prefill forward of 512 tokens, median of 3; at 1 and 2 threads. Compressed models are loaded
+  with ``capllm.load_compressed`` (``--execution``, default ``auto``); the dense baseline is the
+  same architecture's uncompressed checkpoint in the same dtype.
+
+    python benchmarks/runtime.py --dense smollm2-135m --compressed /path/to/cap50 --name smollm2-135m
+
+Timings on a shared machine are upper bounds; the JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "runtime"
+SHAPES = {  # (out, in) of each distinct decoder linear
+    "smollm2-135m": {"q/o": (576, 576), "k/v": (192, 576), "gate/up": (1536, 576), "down": (576, 1536)},
+    "qwen2.5-1.5b": {"q/o": (1536, 1536), "k/v": (256, 1536), "gate/up": (8960, 1536), "down": (1536, 8960)},
+}
+SPARSITIES = (0.3, 0.5, 0.7)
+PREFILL = 512
+
+
+def _env() -> dict:
+    import platform
+
+    import torch
+
+    from capllm.kernels import cpu_build
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
+            "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None),
+            "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": cpu_build.best_isa(), "kernel_unavailable": cpu_build.unavailable_reason(),
+            "loadavg": os.getloadavg()[0]}
+
+
+# --- kernels ------------------------------------------------------------------------------------
+
+
+def _cold_ms(fns, repeats: int = 5) -> float:
+    """Median per-call ms over ``repeats`` sweeps through ``fns`` (distinct matrices: DRAM-bound)."""
+    for f in fns:
+        f()
+    per = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for f in fns:
+            f()
+        per.append((time.perf_counter() - t) / len(fns) * 1e3)
+    return statistics.median(per)
+
+
+def kernel_rows(working_set_mb: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from capllm.format.execution import _last_level_cache_bytes
+    from capllm.kernels import BitmaskMatrix
+
+    llc = _last_level_cache_bytes()
+    target = max(working_set_mb << 20, 4 * llc)
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for model, shapes in SHAPES.items():
+            for name, (m, n) in shapes.items():
+                copies = max(2, -(-target // (m * n * 4)))
+                W = [torch.randn(m, n, generator=g) for _ in range(copies)]
+                x = torch.randn(1, n, generator=g)
+                for sparsity in SPARSITIES:
+                    keep = [w * (torch.rand(m, n, generator=g) >= sparsity) for w in W]
+                    packs = {dt: [BitmaskMatrix.from_dense(s, dt) for s in keep] for dt in (torch.float32, torch.bfloat16)}
+                    dense_bf16 = [s.to(torch.bfloat16) for s in keep]
+                    nnz = sum(p.nnz for p in packs[torch.float32]) / copies
+                    for threads in (1, 2):
+                        torch.set_num_threads(threads)
+                        dense = _cold_ms([lambda s=s: F.linear(x, s) for s in keep])
+                        row = {"model": model, "matrix": name, "shape": [m, n], "sparsity": sparsity, "threads": threads, "copies": copies,
+                               "density": round(nnz / (m * n), 4), "dense_fp32_ms": round(dense, 4), "dense_fp32_gb_s": round(m * n * 4 / dense / 1e6, 2)}
+                        xb = x.to(torch.bfloat16)
+                        row["dense_bf16_ms"] = round(_cold_ms([lambda s=s: F.linear(xb, s) for s in dense_bf16], 3), 4)
+                        for dt, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                            k = _cold_ms([lambda p=p: p.matmul(x) for p in packs[dt]])
+                            item = torch.finfo(dt).bits // 8
+                            packed_bytes = nnz * item + m * ((n + 7) // 8) + 8 * (m + 1)
+                            row[f"kernel_{tag}_ms"] = round(k, 4)
+                            row[f"kernel_{tag}_gb_s"] = round(packed_bytes / k / 1e6, 2)
+                            row[f"speedup_{tag}"] = round(dense / k, 3)
+                            row[f"ceiling_{tag}"] = round(m * n * 4 / packed_bytes, 3)  # against dense fp32 bytes
+                            if tag == "bf16":
+                                row["ceiling_bf16_vs_dense_bf16"] = round(m * n * 2 / packed_bytes, 3)
+                                row["speedup_bf16_vs_dense_bf16"] = round(row["dense_bf16_ms"] / k, 3)
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+                    del keep, packs, dense_bf16
+                del W
+    return rows
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def _status() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                out[k] = round(int(v.split()[0]) / 1024, 1)
+    return out
+
+
+def measure_model(source: str, execution: str, sparse_dtype: str | None, new_tokens: int, repeats: int) -> dict:
+    """Run in a fresh process: load, decode, prefill; peak RSS."""
+    import torch
+
+    import capllm
+    from capllm.format.execution import describe_execution
+
+    t0 = time.perf_counter()
+    compressed = (Path(source) / "config.json").is_file() and "capllm" in json.loads((Path(source) / "config.json").read_text())
+    if compressed:
+        model, tok = capllm.load_compressed(source, execution=execution, sparse_dtype=sparse_dtype)
+    else:
+        model, tok = capllm.load_model(source, dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    model.eval()
+    out = {"source": source, "compressed": compressed, "execution": execution if compressed else "dense model", "sparse_dtype": sparse_dtype,
+           "load_s": round(load_s, 2), "rss_after_load_mib": _status()["VmRSS"], "loadavg_start": os.getloadavg()[0]}
+    if compressed:
+        out["paths"] = describe_execution(model)["summary"]
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    long = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(1))
+    pad = getattr(tok, "eos_token_id", None) if tok is not None else None
+    gen = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+    with torch.inference_mode():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model.generate(prompt, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
+            rates, seqs = [], None
+            for _ in range(repeats):
+                t = time.perf_counter()
+                seqs = model.generate(prompt, **gen)
+                rates.append(new_tokens / (time.perf_counter() - t))
+            model(long)
+            pre = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                model(long)
+                pre.append((time.perf_counter() - t) * 1e3)
+            out[f"threads{threads}"] = {"decode_tok_s": round(statistics.median(rates), 2), "decode_tok_s_all": [round(r, 2) for r in rates],
+                                        "prefill_512_ms": round(statistics.median(pre), 1), "prefill_512_ms_all": [round(p, 1) for p in pre]}
+        out["greedy_tokens"] = seqs[0, prompt.shape[1]:].tolist()
+    st = _status()
+    out.update(peak_rss_mib=st["VmHWM"], loadavg_end=os.getloadavg()[0])
+    return out
+
+
+def model_row(source: str, execution: str, sparse_dtype: str | None, new_tokens: int, repeats: int, label: str) -> dict:
+    cmd = [sys.executable, __file__, "--_measure", source, "--execution", execution, "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+    if sparse_dtype:
+        cmd += ["--sparse-dtype", sparse_dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"measuring {source} failed:\n{proc.stderr[-3000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["label"] = label
+    print(json.dumps({k: v for k, v in row.items() if k != "greedy_tokens"}), file=sys.stderr, flush=True)
+    return row
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def tables(doc: dict) -> str:
+    L = []
+    if doc.get("kernels"):
+        L += ["**Kernel vs dense GEMV, batch 1, DRAM-bound** (dense fp32 time / kernel time; ceiling = dense fp32 bytes / packed bytes)", "",
+              "| model | matrix | out×in | sparsity | threads | dense fp32 ms (GB/s) | kernel fp32 (GB/s) | ceiling fp32 | kernel bf16 values | ceiling bf16 (vs dense bf16) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in doc["kernels"]:
+            L.append(f"| {r['model']} | {r['matrix']} | {r['shape'][0]}×{r['shape'][1]} | {r['sparsity']:.0%} | {r['threads']} | {r['dense_fp32_ms']:.3f} ({r['dense_fp32_gb_s']:.1f}) | "
+                     f"**{r['speedup_fp32']:.2f}×** ({r['kernel_fp32_gb_s']:.1f}) | {r['ceiling_fp32']:.2f}× | **{r['speedup_bf16']:.2f}×** | {r['ceiling_bf16']:.2f}× ({r['ceiling_bf16_vs_dense_bf16']:.2f}×) |")
+    if doc.get("models"):
+        base = next(r for r in doc["models"] if not r["compressed"])
+        L += ["", f"**End to end, batch 1** (greedy decode of {doc['new_tokens']} tokens, prefill = one {PREFILL}-token forward; medians of {doc['repeats']}; "
+              "each model in its own process)", "",
+              "| model | execution | threads | decode tok/s | vs dense | prefill 512 ms | vs dense | peak RSS MiB | vs dense | layers per path |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in doc["models"]:
+            for t in (1, 2):
+                a, b = r[f"threads{t}"], base[f"threads{t}"]
+                paths = ", ".join(f"{n} {p}" for p, n in (r.get("paths") or {}).items()) or "–"
+                L.append(f"| {r['label']} | {r['execution']} | {t} | {a['decode_tok_s']:.1f} | **{a['decode_tok_s'] / b['decode_tok_s']:.2f}×** | {a['prefill_512_ms']:.0f} | "
+                         f"{a['prefill_512_ms'] / b['prefill_512_ms']:.2f}× | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}× | {paths} |")
+    return "\n".join(L)
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["kernels"] if r["threads"] == 1]
+    fig, axes = plt.subplots(1, len(SPARSITIES), figsize=(4.2 * len(SPARSITIES), 3.8), sharey=True)
+    for ax, sp in zip(axes, SPARSITIES):
+        sel = [r for r in rows if r["sparsity"] == sp]
+        xs = range(len(sel))
+        ax.bar([i - 0.2 for i in xs], [r["speedup_fp32"] for r in sel], 0.4, label="kernel, fp32 values")
+        ax.bar([i + 0.2 for i in xs], [r["speedup_bf16"] for r in sel], 0.4, label="kernel, bf16 values")
+        ax.scatter([i - 0.2 for i in xs], [r["ceiling_fp32"] for r in sel], marker="_", s=300, color="k", label="bandwidth ceiling")
+        ax.scatter([i + 0.2 for i in xs], [r["ceiling_bf16"] for r in sel], marker="_", s=300, color="k")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(list(xs), [f"{'S' if r['model'].startswith('smol') else 'Q'} {r['matrix']}" for r in sel], rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{sp:.0%} sparse, 1 thread")
+    axes[0].set_ylabel("speed-up over dense fp32 GEMV")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Bitmask kernel, batch 1, DRAM-bound (S = SmolLM2-135M, Q = Qwen2.5-1.5B shapes)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="smollm2-135m")
+    ap.add_argument("--dense", default=None, help="the dense model (alias, hub id or directory)")
+    ap.add_argument("--compressed", action="append", default=[], metavar="DIR[:LABEL]", help="a capllm compressed model directory (repeatable)")
+    ap.add_argument("--execution", default="auto")
+    ap.add_argument("--bf16-values", action="store_true", help="also measure each compressed model with bf16 value storage")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--working-set-mb", type=int, default=256)
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sparse-dtype", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._measure:
+        print(json.dumps(measure_model(a._measure, a.execution, a.sparse_dtype, a.new_tokens, a.repeats)))
+        return
+    out = a.out or RESULTS / f"{a.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:]), "environment": _env(), "new_tokens": a.new_tokens, "repeats": a.repeats}
+    if not a.skip_kernels:
+        doc["kernels"] = kernel_rows(a.working_set_mb)
+    models = []
+    if a.dense:
+        models.append(model_row(a.dense, "dense", None, a.new_tokens, a.repeats, f"{a.name} dense"))
+    for spec in a.compressed:
+        src, _, label = spec.partition(":")
+        label = label or Path(src).name
+        models.append(model_row(src, a.execution, None, a.new_tokens, a.repeats, label))
+        if a.bf16_values:
+            models.append(model_row(src, a.execution, "bfloat16", a.new_tokens, a.repeats, label + " (bf16 values)"))
+    if models:
+        doc["models"] = models
+        if models[0]["compressed"] is False:
+            for r in models[1:]:
+                r["same_greedy_tokens_as_dense"] = sum(x == y for x, y in zip(r["greedy_tokens"], models[0]["greedy_tokens"])) / len(models[0]["greedy_tokens"])
+    doc["environment"]["loadavg_end"] = os.getloadavg()[0]
+    doc["tables_md"] = tables(doc)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out)
+    if doc.get("kernels"):
+        plot(doc, out.with_suffix(".png"))
+    print(doc["tables_md"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""``BitmaskMatrix``: a sparse matrix held in capllm's bitmask layout, multiplied without unpacking.
+
+Storage of ``S (m, n)`` with ``nnz`` non-zeros (the on-disk layout of :mod:`capllm.format.bitmask`
+plus one derived index):
+
+* ``values (nnz + PAD,)`` — the non-zeros, row-major, in ``float32``, ``bfloat16`` or ``float16``
+  (the storage dtype; products accumulate in fp32), followed by ``PAD`` zeros that the vector
+  loads may touch;
+* ``bitmask (m, ceil(n/8)) uint8`` — bit ``j % 8`` of byte ``j // 8`` of row ``i`` set iff
+  ``S[i, j] != 0``;
+* ``row_ptr (m + 1,) int64`` — ``row_ptr[i] = Σ_{i' < i} nnz(row i')``, so row ``i``'s values
+  start at ``values[row_ptr[i]]`` (built at load from the mask's popcounts; 8 bytes per row).
+
+:meth:`matmul` computes ``y = x Sᵀ`` for ``x (..., n)``: on a CPU with the compiled kernel
+(:mod:`capllm.kernels.cpu_build`) straight from the packed form; on CUDA with the Triton kernel
+(:mod:`capllm.kernels.bitmask_triton`) when Triton is installed; anywhere else by unpacking to a
+dense fp32 matrix first (:func:`capllm.kernels.reference.unpack`), which is exact but not fast.
+:meth:`dense` unpacks (the prefill path: one unpack, then the dense GEMM).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from capllm.kernels import cpu_build, reference
+
+PAD = 16
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ISA = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+
+
+def _triton():
+    from capllm.kernels import bitmask_triton
+
+    return bitmask_triton if bitmask_triton.available() else None
+
+
+def kernel_backend(device: torch.device | str) -> str | None:
+    """Which packed kernel serves ``device``: ``cpu-<isa>``, ``triton``, or ``None`` (unpack only)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        isa = cpu_build.best_isa()
+        return None if isa is None else f"cpu-{isa}"
+    if device.type == "cuda":
+        return "triton" if _triton() is not None else None
+    return None
+
+
+def kernel_unavailable_reason(device: torch.device | str) -> str | None:
+    device = torch.device(device)
+    if device.type == "cpu":
+        return cpu_build.unavailable_reason()
+    if device.type == "cuda":
+        from capllm.kernels import bitmask_triton
+
+        return bitmask_triton.unavailable_reason()
+    return f"no packed kernel for device type {device.type}"
+
+
+class BitmaskMatrix:
+    """A packed ``(m, n)`` sparse matrix; see the module docstring for the layout."""
+
+    def __init__(self, values: torch.Tensor, bitmask: torch.Tensor, row_ptr: torch.Tensor, shape) -> None:
+        self.values, self.bitmask, self.row_ptr = values, bitmask, row_ptr
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_packed(cls, values: torch.Tensor, bitmask: torch.Tensor, shape, dtype: torch.dtype | None = None) -> "BitmaskMatrix":
+        """From the saved ``(values (nnz,), bitmask)`` pair; ``dtype`` re-stores the values."""
+        m, n = int(shape[0]), int(shape[1])
+        if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (m, (n + 7) // 8):
+            raise ValueError(f"bitmask of shape {tuple(bitmask.shape)} {bitmask.dtype} does not fit a {m}×{n} matrix")
+        dtype = values.dtype if dtype is None else dtype
+        if dtype not in VALUE_DTYPES:
+            raise ValueError(f"bitmask values must be stored as one of {', '.join(str(d).removeprefix('torch.') for d in VALUE_DTYPES)}, not {dtype}")
+        counts = reference.row_counts(bitmask, n)
+        row_ptr = torch.zeros(m + 1, dtype=torch.int64, device=bitmask.device)
+        torch.cumsum(counts, 0, out=row_ptr[1:])
+        nnz = int(row_ptr[-1])
+        if nnz != values.numel():
+            raise ValueError(f"bitmask has {nnz} bits set but there are {values.numel()} values: the checkpoint is corrupt")
+        padded = torch.zeros(nnz + PAD, dtype=dtype, device=values.device)
+        padded[:nnz] = values
+        return cls(padded, bitmask.contiguous(), row_ptr, (m, n))
+
+    @classmethod
+    def from_dense(cls, S: torch.Tensor, dtype: torch.dtype | None = None) -> "BitmaskMatrix":
+        values, bitmask = reference.pack(S)
+        return cls.from_packed(values, bitmask, S.shape, dtype)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def nnz(self) -> int:
+        return int(self.row_ptr[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values, "bitmask": self.bitmask, "row_ptr": self.row_ptr}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device: torch.device | str) -> "BitmaskMatrix":
+        return BitmaskMatrix(self.values.to(device), self.bitmask.to(device), self.row_ptr.to(device), self.shape)
+
+    # ---------------------------------------------------------------- products
+    def dense(self, isa: str = "auto") -> torch.Tensor:
+        """``S`` as a dense fp32 ``(m, n)`` matrix (a fresh tensor)."""
+        ops = cpu_build.load() if self.device.type == "cpu" else None
+        if ops is not None:
+            return ops.unpack(self.values, self.bitmask, self.row_ptr, self.shape[1], _ISA[isa])
+        tri = _triton() if self.device.type == "cuda" else None
+        if tri is not None:
+            return tri.unpack(self)
+        return reference.unpack(self.values[: self.nnz], self.bitmask, self.shape).float()
+
+    def matmul(self, x: torch.Tensor, isa: str = "auto") -> torch.Tensor:
+        """``x Sᵀ`` for ``x (..., n)`` → ``(..., m)`` in ``x``'s dtype (fp32 accumulation)."""
+        m, n = self.shape
+        if x.shape[-1] != n:
+            raise ValueError(f"x has {x.shape[-1]} features, the matrix takes {n}")
+        x2 = x.reshape(-1, n)
+        if x.device.type == "cpu" and (ops := cpu_build.load()) is not None:
+            y = ops.spmv(x2, self.values, self.bitmask, self.row_ptr, _ISA[isa])
+        elif x.device.type == "cuda" and (tri := _triton()) is not None:
+            y = tri.spmv(x2, self)
+        else:
+            y = x2.float() @ self.dense().t()
+        return y.to(x.dtype).reshape(*x.shape[:-1], m)

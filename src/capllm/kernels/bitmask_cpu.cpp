@@ -1,0 +1,381 @@
+// y = S x for S in capllm's bitmask layout, on the CPU, for a few tokens at a time (decode).
+//
+// Layout (capllm/format/bitmask.py): `values` holds the non-zeros of S (m x n) row-major and
+// `bitmask` (m x ceil(n/8), uint8) has bit j%8 (LSB first) of byte j/8 of row i set iff
+// S[i,j] != 0. `row_ptr` (m+1, int64) is the exclusive prefix sum of the row counts, so row i's
+// values start at values[row_ptr[i]]. `values` carries >= 16 padding elements after the last
+// non-zero: the vector paths load 16 (or 8) values at a time and keep only the mask's share.
+//
+// Per row and per 16 columns the AVX-512 path reads 16 mask bits, loads 16 values, widens them
+// to fp32 (bf16: shift into the high half; fp16: vcvtph2ps), expands them into the set lanes
+// (vexpandps, zeros elsewhere) and multiplies with the matching 16 entries of every token's x
+// (fp32 FMA). The bytes read per row are the values plus n/8 mask bytes, against 4n for a dense
+// fp32 row: that is where batch-1 decode, bound by weight bytes, gets its speed. The AVX2 path
+// does the same 8 columns at a time with a 256-entry permutation table; the scalar path walks
+// the set bits. Rows are divided among torch's intra-op threads (at::parallel_for).
+//
+// Exactness: every path sums row i's products in the same per-lane order within a path; paths
+// differ from each other and from a dense GEMV only by floating-point summation order.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+enum ValueType { F32 = 0, BF16 = 1, F16 = 2 };
+enum Isa { AUTO = 0, SCALAR = 1, AVX2 = 2, AVX512 = 3 };
+
+struct Problem {
+  const float* x;      // (T, n) fp32
+  const void* values;  // (nnz + pad,)
+  const uint8_t* bm;   // (m, nb)
+  const int64_t* rp;   // (m + 1,)
+  float* y;            // (T, m) fp32, or the dense (m, n) output of unpack
+  int64_t m, n, nb, T;
+};
+
+inline float scalar_value(const void* v, int64_t p, int vt) {
+  if (vt == F32) return static_cast<const float*>(v)[p];
+  uint16_t h = static_cast<const uint16_t*>(v)[p];
+  if (vt == BF16) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// ---------------------------------------------------------------- scalar
+void rows_scalar(const Problem& P, int vt, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const uint8_t* b = P.bm + i * P.nb;
+    int64_t p = P.rp[i];
+    for (int64_t t = 0; t < P.T; ++t) P.y[t * P.m + i] = 0.f;
+    for (int64_t k = 0; k < P.nb; ++k) {
+      unsigned bits = b[k];
+      while (bits) {
+        int j = __builtin_ctz(bits);
+        bits &= bits - 1;
+        float w = scalar_value(P.values, p++, vt);
+        int64_t col = 8 * k + j;
+        for (int64_t t = 0; t < P.T; ++t) P.y[t * P.m + i] += w * P.x[t * P.n + col];
+      }
+    }
+  }
+}
+
+void unpack_scalar(const Problem& P, int vt, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const uint8_t* b = P.bm + i * P.nb;
+    int64_t p = P.rp[i];
+    float* out = P.y + i * P.n;
+    std::memset(out, 0, sizeof(float) * P.n);
+    for (int64_t k = 0; k < P.nb; ++k) {
+      unsigned bits = b[k];
+      while (bits) {
+        int j = __builtin_ctz(bits);
+        bits &= bits - 1;
+        out[8 * k + j] = scalar_value(P.values, p++, vt);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,f16c,fma")))
+
+template <int VT>
+AVX512_TARGET inline __m512 load16(const void* v, int64_t p) {
+  if constexpr (VT == F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(v) + p);
+  } else if constexpr (VT == BF16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(v) + p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(v) + p));
+    return _mm512_cvtph_ps(h);
+  }
+}
+
+AVX512_TARGET inline uint32_t mask16(const uint8_t* b, int64_t k, int64_t nb) {
+  uint32_t lo = b[2 * k];
+  uint32_t hi = (2 * k + 1 < nb) ? b[2 * k + 1] : 0u;
+  return lo | (hi << 8);
+}
+
+template <int VT, int TB>
+AVX512_TARGET void rows_avx512_tb(const Problem& P, int64_t r0, int64_t r1, int64_t t0) {
+  const int64_t n = P.n, full = n / 16, rem = n - 16 * full;
+  const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
+  const float* x = P.x + t0 * n;
+  for (int64_t i = r0; i < r1; ++i) {
+    const uint8_t* b = P.bm + i * P.nb;
+    int64_t p = P.rp[i];
+    __m512 a0[TB], a1[TB];
+    for (int t = 0; t < TB; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 1 < full; k += 2) {  // two chunks per step: two independent FMA chains
+      uint32_t m0, m1;
+      std::memcpy(&m0, b + 2 * k, 2);
+      m0 &= 0xFFFFu;
+      std::memcpy(&m1, b + 2 * k + 2, 2);
+      m1 &= 0xFFFFu;
+      __m512 w0 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p));
+      p += __builtin_popcount(m0);
+      __m512 w1 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m1), load16<VT>(P.values, p));
+      p += __builtin_popcount(m1);
+      for (int t = 0; t < TB; ++t) {
+        a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * n + 16 * k), a0[t]);
+        a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * n + 16 * k + 16), a1[t]);
+      }
+    }
+    for (; k < full; ++k) {
+      uint32_t m0 = mask16(b, k, P.nb);
+      __m512 w0 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p));
+      p += __builtin_popcount(m0);
+      for (int t = 0; t < TB; ++t) a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * n + 16 * k), a0[t]);
+    }
+    if (rem) {
+      uint32_t m0 = mask16(b, full, P.nb) & tail;
+      __m512 w0 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p));
+      for (int t = 0; t < TB; ++t) a0[t] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(tail, x + t * n + 16 * full), a0[t]);
+    }
+    for (int t = 0; t < TB; ++t) P.y[(t0 + t) * P.m + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+  }
+}
+
+template <int VT>
+AVX512_TARGET void unpack_avx512(const Problem& P, int64_t r0, int64_t r1) {
+  const int64_t n = P.n, full = n / 16, rem = n - 16 * full;
+  const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
+  for (int64_t i = r0; i < r1; ++i) {
+    const uint8_t* b = P.bm + i * P.nb;
+    int64_t p = P.rp[i];
+    float* out = P.y + i * n;
+    for (int64_t k = 0; k < full; ++k) {
+      uint32_t m0 = mask16(b, k, P.nb);
+      _mm512_storeu_ps(out + 16 * k, _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p)));
+      p += __builtin_popcount(m0);
+    }
+    if (rem) {
+      uint32_t m0 = mask16(b, full, P.nb) & tail;
+      _mm512_mask_storeu_ps(out + 16 * full, tail, _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c,popcnt")))
+
+struct PermTable {
+  alignas(32) int32_t idx[256][8];
+  PermTable() {
+    for (int b = 0; b < 256; ++b) {
+      int r = 0;
+      for (int k = 0; k < 8; ++k) idx[b][k] = (b >> k) & 1 ? r++ : 0;
+    }
+  }
+};
+const PermTable kPerm;
+
+template <int VT>
+AVX2_TARGET inline __m256 load8(const void* v, int64_t p) {
+  if constexpr (VT == F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(v) + p);
+  } else if constexpr (VT == BF16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(v) + p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(v) + p));
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+AVX2_TARGET inline __m256 expand8(unsigned bits, __m256 packed) {
+  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[bits]));
+  __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lanes), lanes);
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(packed, idx), _mm256_castsi256_ps(keep));
+}
+
+AVX2_TARGET inline __m256i tail_mask8(int64_t rem) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), lane);
+}
+
+AVX2_TARGET inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <int VT, int TB>
+AVX2_TARGET void rows_avx2_tb(const Problem& P, int64_t r0, int64_t r1, int64_t t0) {
+  const int64_t n = P.n, full = n / 8, rem = n - 8 * full;
+  const __m256i tail = tail_mask8(rem);
+  const float* x = P.x + t0 * n;
+  for (int64_t i = r0; i < r1; ++i) {
+    const uint8_t* b = P.bm + i * P.nb;
+    int64_t p = P.rp[i];
+    __m256 a[TB];
+    for (int t = 0; t < TB; ++t) a[t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < full; ++k) {
+      unsigned bits = b[k];
+      __m256 w = expand8(bits, load8<VT>(P.values, p));
+      p += __builtin_popcount(bits);
+      for (int t = 0; t < TB; ++t) a[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * n + 8 * k), a[t]);
+    }
+    if (rem) {
+      unsigned bits = b[full] & ((1u << rem) - 1u);
+      __m256 w = expand8(bits, load8<VT>(P.values, p));
+      for (int t = 0; t < TB; ++t) a[t] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + t * n + 8 * full, tail), a[t]);
+    }
+    for (int t = 0; t < TB; ++t) P.y[(t0 + t) * P.m + i] = hsum8(a[t]);
+  }
+}
+
+template <int VT>
+AVX2_TARGET void unpack_avx2(const Problem& P, int64_t r0, int64_t r1) {
+  const int64_t n = P.n, full = n / 8, rem = n - 8 * full;
+  const __m256i tail = tail_mask8(rem);
+  for (int64_t i = r0; i < r1; ++i) {
+    const uint8_t* b = P.bm + i * P.nb;
+    int64_t p = P.rp[i];
+    float* out = P.y + i * n;
+    for (int64_t k = 0; k < full; ++k) {
+      unsigned bits = b[k];
+      _mm256_storeu_ps(out + 8 * k, expand8(bits, load8<VT>(P.values, p)));
+      p += __builtin_popcount(bits);
+    }
+    if (rem) {
+      unsigned bits = b[full] & ((1u << rem) - 1u);
+      _mm256_maskstore_ps(out + 8 * full, tail, expand8(bits, load8<VT>(P.values, p)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+int resolve_isa(int64_t isa) {
+  static const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  static const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == AUTO) return has512 ? AVX512 : has2 ? AVX2 : SCALAR;
+  TORCH_CHECK(isa != AVX512 || has512, "capllm kernel: this CPU has no AVX-512");
+  TORCH_CHECK(isa != AVX2 || has2, "capllm kernel: this CPU has no AVX2/FMA/F16C");
+  TORCH_CHECK(isa >= SCALAR && isa <= AVX512, "capllm kernel: unknown isa ", isa);
+  return static_cast<int>(isa);
+}
+
+template <int VT, int TB>
+void rows_tb(const Problem& P, int isa, int64_t r0, int64_t r1, int64_t t0) {
+  if (isa == AVX512) rows_avx512_tb<VT, TB>(P, r0, r1, t0);
+  else rows_avx2_tb<VT, TB>(P, r0, r1, t0);
+}
+
+template <int VT>
+void rows_vector(const Problem& P, int isa, int64_t r0, int64_t r1) {
+  int64_t t0 = 0;
+  while (t0 < P.T) {  // tokens in blocks of up to 4: one decode of each chunk serves the block
+    int64_t tb = std::min<int64_t>(4, P.T - t0);
+    switch (tb) {
+      case 4: rows_tb<VT, 4>(P, isa, r0, r1, t0); break;
+      case 3: rows_tb<VT, 3>(P, isa, r0, r1, t0); break;
+      case 2: rows_tb<VT, 2>(P, isa, r0, r1, t0); break;
+      default: rows_tb<VT, 1>(P, isa, r0, r1, t0); break;
+    }
+    t0 += tb;
+  }
+}
+
+int value_type(const at::Tensor& v) {
+  if (v.scalar_type() == at::kFloat) return F32;
+  if (v.scalar_type() == at::kBFloat16) return BF16;
+  if (v.scalar_type() == at::kHalf) return F16;
+  TORCH_CHECK(false, "capllm kernel: values must be float32, bfloat16 or float16, got ", v.scalar_type());
+}
+
+Problem make_problem(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n) {
+  TORCH_CHECK(values.device().is_cpu() && bitmask.device().is_cpu() && row_ptr.device().is_cpu(), "capllm kernel: CPU tensors only");
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "capllm kernel: values must be 1-D contiguous");
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.is_contiguous() && bitmask.scalar_type() == at::kByte, "capllm kernel: bitmask must be (m, ceil(n/8)) uint8 contiguous");
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.is_contiguous() && row_ptr.scalar_type() == at::kLong, "capllm kernel: row_ptr must be int64 contiguous");
+  const int64_t m = bitmask.size(0), nb = bitmask.size(1);
+  TORCH_CHECK(nb == (n + 7) / 8, "capllm kernel: bitmask has ", nb, " bytes per row, n = ", n, " needs ", (n + 7) / 8);
+  TORCH_CHECK(row_ptr.numel() == m + 1, "capllm kernel: row_ptr must have m + 1 entries");
+  const int64_t nnz = row_ptr.data_ptr<int64_t>()[m];
+  TORCH_CHECK(values.numel() >= nnz + 16, "capllm kernel: values need 16 padding elements after the ", nnz, " non-zeros");
+  Problem P{};
+  P.values = values.data_ptr();
+  P.bm = bitmask.data_ptr<uint8_t>();
+  P.rp = row_ptr.data_ptr<int64_t>();
+  P.m = m;
+  P.n = n;
+  P.nb = nb;
+  return P;
+}
+
+template <typename F>
+void for_rows(int64_t m, int64_t n, F&& body) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));  // ~32k entries per task
+  at::parallel_for(0, m, grain, body);
+}
+
+at::Tensor bitmask_spmv(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t isa_req) {
+  TORCH_CHECK(x_in.dim() == 2, "capllm kernel: x must be (tokens, n)");
+  const int64_t n = x_in.size(1);
+  Problem P = make_problem(values, bitmask, row_ptr, n);
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  P.T = x.size(0);
+  at::Tensor y = at::empty({P.T, P.m}, x.options());
+  P.x = x.data_ptr<float>();
+  P.y = y.data_ptr<float>();
+  const int vt = value_type(values);
+  const int isa = resolve_isa(isa_req);
+  for_rows(P.m, n * std::max<int64_t>(P.T, 1), [&](int64_t r0, int64_t r1) {
+    if (isa == SCALAR) { rows_scalar(P, vt, r0, r1); return; }
+    if (vt == F32) rows_vector<F32>(P, isa, r0, r1);
+    else if (vt == BF16) rows_vector<BF16>(P, isa, r0, r1);
+    else rows_vector<F16>(P, isa, r0, r1);
+  });
+  return y;
+}
+
+at::Tensor bitmask_unpack(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n, int64_t isa_req) {
+  Problem P = make_problem(values, bitmask, row_ptr, n);
+  at::Tensor out = at::empty({P.m, n}, values.options().dtype(at::kFloat));
+  P.y = out.data_ptr<float>();
+  const int vt = value_type(values);
+  const int isa = resolve_isa(isa_req);
+  for_rows(P.m, n, [&](int64_t r0, int64_t r1) {
+    if (isa == SCALAR) { unpack_scalar(P, vt, r0, r1); return; }
+    if (isa == AVX512) {
+      if (vt == F32) unpack_avx512<F32>(P, r0, r1);
+      else if (vt == BF16) unpack_avx512<BF16>(P, r0, r1);
+      else unpack_avx512<F16>(P, r0, r1);
+    } else {
+      if (vt == F32) unpack_avx2<F32>(P, r0, r1);
+      else if (vt == BF16) unpack_avx2<BF16>(P, r0, r1);
+      else unpack_avx2<F16>(P, r0, r1);
+    }
+  });
+  return out;
+}
+
+int64_t best_isa() { return resolve_isa(AUTO); }
+
+}  // namespace
+
+TORCH_LIBRARY(capllm_bitmask, m) {
+  m.def("spmv(Tensor x, Tensor values, Tensor bitmask, Tensor row_ptr, int isa=0) -> Tensor");
+  m.def("unpack(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int isa=0) -> Tensor");
+  m.def("best_isa", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(capllm_bitmask, CPU, m) {
+  m.impl("spmv", &bitmask_spmv);
+  m.impl("unpack", &bitmask_unpack);
+}

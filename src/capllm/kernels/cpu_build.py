@@ -1,0 +1,82 @@
+"""Build and load the CPU bitmask kernel (``bitmask_cpu.cpp``) on first use.
+
+The C++ file is compiled once per (source, torch version, Python) with torch's own extension
+builder (``torch.utils.cpp_extension.load``, ninja + the system C++ compiler) into
+``$CAPLLM_CACHE/kernels/<key>/`` and registered as the torch operators
+``torch.ops.capllm_bitmask.{spmv, unpack, best_isa}``. It needs no special ``-march``: every
+vector path carries its own ``target`` attribute and the ISA is chosen at run time from
+``cpuid``, so one build serves any x86-64 CPU (AVX-512, AVX2 or scalar).
+
+Nothing here may break an install or an import: without a compiler, ninja or headers — or on a
+non-x86 CPU — :func:`load` returns ``None`` and :func:`unavailable_reason` says why, and every
+caller falls back to torch's own dense path (:mod:`capllm.kernels.reference`).
+``CAPLLM_NO_KERNELS=1`` disables the build (for measurements and to test the fallback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("bitmask_cpu.cpp")
+ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ops": None, "reason": None}
+
+
+def _build_dir() -> Path:
+    from capllm.utils import cache_dir
+
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"bitmask_cpu-{key}"
+
+
+def _try_build():
+    if os.environ.get("CAPLLM_NO_KERNELS"):
+        return None, "disabled by CAPLLM_NO_KERNELS"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"the CPU kernel is written for x86-64, this machine is {platform.machine()}"
+    try:
+        from torch.utils import cpp_extension
+
+        build = _build_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        name = "capllm_bitmask_cpu"
+        lib = build / f"{name}.so"
+        if lib.is_file():  # built before: load without invoking the compiler
+            torch.ops.load_library(str(lib))
+        else:
+            cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build), extra_cflags=["-O3", "-fno-math-errno"], is_python_module=False, verbose=False)
+        return torch.ops.capllm_bitmask, None
+    except Exception as exc:  # compiler, ninja or headers missing, or the build failed
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"could not build the CPU kernel ({type(exc).__name__}: {first[:160]})"
+
+
+def load():
+    """``torch.ops.capllm_bitmask`` (built and loaded once per process), or ``None``."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _state["ops"], _state["reason"] = _try_build()
+                _state["tried"] = True
+    return _state["ops"]
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`load` returned ``None`` (``None`` when the kernel is there)."""
+    load()
+    return _state["reason"]
+
+
+def best_isa() -> str | None:
+    """``avx512``, ``avx2`` or ``scalar``: the path the kernel takes on this CPU (``None``: no kernel)."""
+    ops = load()
+    return None if ops is None else ISA_NAMES[int(ops.best_isa())]

@@ -1,0 +1,271 @@
+"""The packed bitmask kernels (capllm.kernels) against an independent float64 dense product:
+every CPU path this machine has (AVX-512, AVX2, scalar), the Triton kernel under Triton's
+interpreter, the pure-torch fallback, the compressed module's decode and prefill paths, and
+load → decode through both loaders on every architecture the format supports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import capllm
+from capllm.format.execution import choose_layout
+from capllm.format.modules import LowRankSparseLinear
+from capllm.kernels import BitmaskMatrix, cpu_build, reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+SRC = Path(capllm.__file__).resolve().parents[1]
+SHAPES = [(1, 1), (3, 7), (5, 16), (9, 17), (33, 129), (16, 200)]
+DENSITIES = [0.0, 0.05, 0.3, 0.5, 0.7, 1.0]
+TOKENS = [1, 2, 3, 4, 5, 8, 9]
+
+
+def _sparse(shape, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) < density)
+
+
+def _isas():
+    if cpu_build.load() is None:
+        return []
+    best = cpu_build.best_isa()
+    return {"avx512": ["scalar", "avx2", "avx512"], "avx2": ["scalar", "avx2"], "scalar": ["scalar"]}[best]
+
+
+def test_the_cpu_kernel_builds_here():
+    """This machine has a compiler: the kernel must build (CI checks the build, not just the fallback)."""
+    if os.environ.get("CAPLLM_NO_KERNELS"):
+        pytest.skip("kernels disabled by CAPLLM_NO_KERNELS")
+    assert cpu_build.load() is not None, cpu_build.unavailable_reason()
+    assert cpu_build.best_isa() in ("avx512", "avx2", "scalar")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}" for m, n in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_cpu_kernel_equals_the_dense_product(shape, dtype):
+    isas = _isas()
+    if not isas:
+        pytest.skip(f"no CPU kernel: {cpu_build.unavailable_reason()}")
+    for density in DENSITIES:
+        S = _sparse(shape, density)
+        P = BitmaskMatrix.from_dense(S, dtype)
+        Sd = S.to(dtype).double()  # the stored values, exactly
+        assert P.nnz == int((S != 0).sum())
+        for isa in isas:
+            assert torch.equal(P.dense(isa), Sd.float()), (isa, density)
+            for T in TOKENS:
+                x = torch.randn(T, shape[1])
+                want = x.double() @ Sd.t()
+                got = P.matmul(x, isa)
+                assert got.dtype == torch.float32 and got.shape == (T, shape[0])
+                assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), (isa, density, T)
+
+
+def test_kernel_keeps_leading_dims_and_dtype_and_refuses_a_wrong_width():
+    S = _sparse((12, 40), 0.5)
+    P = BitmaskMatrix.from_dense(S)
+    x = torch.randn(2, 3, 40)
+    assert torch.allclose(P.matmul(x), x @ S.t(), atol=1e-5)
+    xb = x.to(torch.bfloat16)
+    assert P.matmul(xb).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="features"):
+        P.matmul(torch.randn(1, 41))
+
+
+def test_packed_layout_matches_the_format_and_refuses_corruption():
+    from capllm.format.bitmask import pack_bitmask
+
+    S = _sparse((9, 23), 0.4)
+    v1, b1 = pack_bitmask(S)
+    v2, b2 = reference.pack(S)
+    assert torch.equal(v1, v2) and torch.equal(b1, b2)
+    P = BitmaskMatrix.from_packed(v1, b1, S.shape)
+    assert P.row_ptr.tolist() == [0, *(S != 0).sum(1).cumsum(0).tolist()]
+    assert P.values.numel() == P.nnz + 16 and torch.equal(P.values[P.nnz:], torch.zeros(16))
+    with pytest.raises(ValueError, match="corrupt"):
+        BitmaskMatrix.from_packed(v1[:-1], b1, S.shape)
+    with pytest.raises(ValueError, match="does not fit"):
+        BitmaskMatrix.from_packed(v1, b1, (9, 40))
+
+
+def test_without_the_compiled_kernel_everything_still_works(tmp_path):
+    """CAPLLM_NO_KERNELS=1 (what a machine without a compiler sees): exact results by unpacking."""
+    code = textwrap.dedent("""
+        import torch
+        from capllm.kernels import BitmaskMatrix, cpu_build, kernel_backend
+        from capllm.format.execution import choose_layout
+        assert cpu_build.load() is None and "CAPLLM_NO_KERNELS" in cpu_build.unavailable_reason()
+        assert kernel_backend("cpu") is None
+        S = torch.randn(20, 30) * (torch.rand(20, 30) < 0.5)
+        x = torch.randn(3, 30)
+        assert torch.allclose(BitmaskMatrix.from_dense(S).matmul(x), x @ S.t(), atol=1e-5)
+        layout, why = choose_layout(S, "auto")
+        assert layout == "dense" and why["kernel"].startswith("unavailable"), why
+        print("ok")
+    """)
+    env = {**os.environ, "CAPLLM_NO_KERNELS": "1", "CAPLLM_CACHE": str(tmp_path), "PYTHONPATH": str(SRC)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_triton_kernel_under_the_interpreter():
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from capllm.kernels import BitmaskMatrix, bitmask_triton as bt
+        assert bt.available(), bt.unavailable_reason()
+        for (m, n) in [(1, 1), (7, 17), (33, 140), (20, 300)]:
+            for d in (0.0, 0.5, 1.0):
+                S = torch.randn(m, n) * (torch.rand(m, n) < d)
+                for dt in (torch.float32, torch.bfloat16):
+                    P = BitmaskMatrix.from_dense(S, dt)
+                    Sd = S.to(dt).double()
+                    assert torch.equal(bt.unpack(P), Sd.float())
+                    for T in (1, 3, 9):
+                        x = torch.randn(T, n)
+                        err = (bt.spmv(x, P).double() - x.double() @ Sd.t()).abs().max().item()
+                        assert err <= 1e-5 * max(1.0, (x.double() @ Sd.t()).abs().max().item()), (m, n, d, dt, T, err)
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+# --- the compressed module ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [0, 1, 5])
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.8])
+def test_module_decode_and_prefill_paths_equal_the_dense_reconstruction(rank, density):
+    g = torch.Generator().manual_seed(3)
+    m, n = 37, 53
+    U, V = (torch.randn(m, rank, generator=g), torch.randn(n, rank, generator=g)) if rank else (None, None)
+    S, b = _sparse((m, n), density, seed=4), torch.randn(m, generator=g)
+    mod = LowRankSparseLinear.from_factors(U, V, S, b)
+    W = (U @ V.t() if rank else 0) + S
+    mod.set_sparse_layout("bitmask")
+    assert mod.sparse_layout == "bitmask" and mod.S is None and mod.nnz == int((S != 0).sum())
+    assert mod.execution == ("lowrank+bitmask" if rank else "bitmask")
+    for T in (1, 3, mod.kernel_max_tokens, mod.kernel_max_tokens + 1, 40):  # decode (kernel) and prefill (unpack + GEMM)
+        x = torch.randn(2, T, n)
+        want = x.double() @ torch.as_tensor(W).double().t() + b.double()
+        assert (mod(x).double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), T
+    assert torch.equal(mod.sparse_dense(), S) and torch.allclose(mod.weight, torch.as_tensor(W) + 0.0, atol=1e-6)
+    mod.set_sparse_layout("dense")
+    assert mod.sparse_layout == "dense" and torch.equal(mod.S, S) and not hasattr(mod, "S_values")
+
+
+def test_bf16_value_storage_rounds_each_value_once():
+    S = _sparse((24, 48), 0.5)
+    mod = LowRankSparseLinear.from_factors(None, None, S, None).set_sparse_layout("bitmask", torch.bfloat16)
+    assert mod.S_values.dtype == torch.bfloat16
+    x = torch.randn(1, 48)
+    assert torch.allclose(mod(x).double(), x.double() @ S.to(torch.bfloat16).double().t(), atol=1e-5)
+    assert mod.sparse_dense().dtype == torch.float32  # the dense form keeps the layer's dtype
+
+
+def test_auto_policy_records_the_kernel_probe():
+    if cpu_build.load() is None:
+        pytest.skip(f"no CPU kernel: {cpu_build.unavailable_reason()}")
+    S = _sparse((256, 512), 0.5)
+    layout, why = choose_layout(S, "auto")
+    assert why["backend"].startswith("cpu-") and set(why["kernel_ms"]) == {1, 4, 8}
+    assert (layout == "bitmask") == (why["kernel_ms"][1] < 0.95 * why["dense_cold_ms"][1])
+    if layout == "bitmask":
+        assert why["kernel_max_tokens"] >= 1 and why["prefill_ratio"] > 0
+    assert choose_layout(S, "kernel")[0] == "bitmask"
+    dense_only = torch.randn(64, 64)  # packing cannot pay at density 1
+    assert "does not pay" in choose_layout(dense_only, "auto")[1]["kernel"]
+
+
+# --- load → decode on every architecture --------------------------------------------------------
+
+
+def _incremental_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of every position, computed as decode does: the prompt in one call, then one token
+    per call with the KV cache (so the packed kernel runs on 1-token inputs)."""
+    with torch.no_grad():
+        out = model(ids[:, :prompt], use_cache=True)
+        logits, past = [out.logits], out.past_key_values
+        for t in range(prompt, ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            logits.append(out.logits)
+            past = out.past_key_values
+    return torch.cat(logits, 1)
+
+
+ARCH_CASES = [("llama", "mixed"), ("qwen2", "mixed"), ("gpt2", "mixed"), ("opt", "mixed"), ("gpt2", "wanda"), ("llama", "cap")]
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    from test_format import IDS, _compress
+
+    root = tmp_path_factory.mktemp("kernel-models")
+    out = {}
+    for arch, family in ARCH_CASES:
+        model, _ = _compress(arch, family)
+        with torch.no_grad():
+            logits = model(IDS).logits
+        d = root / f"{arch}-{family}"
+        capllm.save_compressed(model, d)
+        out[(arch, family)] = (d, logits)
+    return out
+
+
+@pytest.mark.parametrize("case", ARCH_CASES, ids=[f"{a}-{f}" for a, f in ARCH_CASES])
+def test_kernel_decode_equals_the_in_memory_model(saved_models, case):
+    from test_format import IDS
+
+    d, ref = saved_models[case]
+    model, _ = capllm.load_compressed(d, execution="kernel")
+    summary = capllm.describe_execution(model)["summary"]
+    assert all("bitmask" in path or path == "lowrank" for path in summary), summary
+    got = _incremental_logits(model, IDS, prompt=12)  # 12 > 8 tokens: the prompt takes the prefill path
+    assert (got - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+_REMOTE = textwrap.dedent("""
+    import json, sys, torch
+    if sys.argv[3] == "without-capllm":
+        sys.modules["capllm"] = None  # `import capllm` now fails inside modeling_capllm
+    from transformers import AutoModelForCausalLM
+    ids = torch.tensor(json.loads(sys.argv[2]))
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    with torch.no_grad():
+        out = m(ids[:, :12], use_cache=True)
+        logits, past = [out.logits], out.past_key_values
+        for t in range(12, ids.shape[1]):
+            out = m(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            logits.append(out.logits)
+            past = out.past_key_values
+    used = sum(getattr(x, "_packed", None) is not None for x in m.modules())
+    cached = sum(getattr(x, "_S_cache", None) is not None for x in m.modules())
+    print(json.dumps({"logits": torch.cat(logits, 1).tolist(), "kernel_modules": used, "dense_cached": cached}))
+""")
+
+
+@pytest.mark.parametrize("mode", ["with-capllm", "without-capllm"])
+def test_trust_remote_code_uses_the_kernel_when_capllm_is_there(saved_models, mode, tmp_path):
+    from test_format import IDS
+
+    d, ref = saved_models[("qwen2", "mixed")]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_MODULES_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _REMOTE, str(d), json.dumps(IDS.tolist()), mode], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = torch.tensor(res["logits"])
+    assert (got - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    kernel_here = cpu_build.load() is not None
+    if mode == "with-capllm" and kernel_here:
+        assert res["kernel_modules"] == 14 and res["dense_cached"] == 0
+    else:
+        assert res["kernel_modules"] == 0 and res["dense_cached"] == 14
