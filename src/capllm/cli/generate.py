@@ -22,6 +22,10 @@ def add_parser(sub) -> None:
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (ignored with --greedy)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--execution", default="auto", choices=("auto", "kernel", "dense", "csr"),
+                   help="compressed models: how each sparse part runs — auto measures once per layer (packed bitmask kernel, dense or CSR)")
+    g.add_argument("--sparse-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compressed models: store the kernel layers' non-zeros in this dtype (bf16: fewer bytes per token, each value rounded once)")
 
 
 def run(a) -> int:
@@ -37,7 +41,7 @@ def run(a) -> int:
         raise CapllmError(f"--temperature {a.temperature}: must be > 0 (or pass --greedy)")
     device = resolve_device(a.device)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, device=device)
+    model, tok = load_model(a.model, device=device, execution=a.execution, sparse_dtype=a.sparse_dtype)
     load_s = time.perf_counter() - t0
     if tok is None:
         raise CapllmError(f"{a.model} has no tokenizer: save the model with its tokenizer to generate text")

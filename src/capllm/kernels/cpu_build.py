@@ -50,7 +50,7 @@ def _try_build():
         build.mkdir(parents=True, exist_ok=True)
         name = "capllm_bitmask_cpu"
         lib = build / f"{name}.so"
-        if lib.is_file():  # built before: load without invoking the compiler
+        if lib.is_file() and not (build / "lock").exists():  # built before (and no build under way): load without the compiler
             torch.ops.load_library(str(lib))
         else:
             cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build), extra_cflags=["-O3", "-fno-math-errno"], is_python_module=False, verbose=False)

@@ -209,8 +209,12 @@ def check_model_dir(p: Path) -> None:
             _json_object(p / name)
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu", revision: str | None = None):
-    """Load a causal LM and its tokenizer. See the module docstring for what ``name_or_path`` may be."""
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu", revision: str | None = None,
+               execution: str = "auto", sparse_dtype: str | None = None):
+    """Load a causal LM and its tokenizer. See the module docstring for what ``name_or_path`` may be.
+
+    ``execution`` / ``sparse_dtype``: passed to :func:`capllm.load_compressed` for a compressed directory.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -226,7 +230,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = "au
         if _is_compressed_dir(p):
             from capllm.format import load_compressed
 
-            model, tokenizer = load_compressed(p, device=device)
+            model, tokenizer = load_compressed(p, device=device, execution=execution, sparse_dtype=sparse_dtype)
         elif (p / "config.json").exists():
             check_model_dir(p)
             model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
