@@ -58,50 +58,61 @@ def _env() -> dict:
 # --- kernels ------------------------------------------------------------------------------------
 
 
-def _cold_ms(fns, repeats: int = 5) -> float:
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cold_ms(fns, repeats: int = 5, device="cpu") -> float:
     """Median per-call ms over ``repeats`` sweeps through ``fns`` (distinct matrices: DRAM-bound)."""
     for f in fns:
         f()
+    _sync(device)
     per = []
     for _ in range(repeats):
         t = time.perf_counter()
         for f in fns:
             f()
+        _sync(device)
         per.append((time.perf_counter() - t) / len(fns) * 1e3)
     return statistics.median(per)
 
 
-def kernel_rows(working_set_mb: int) -> list[dict]:
+def kernel_rows(working_set_mb: int, device: str = "cpu") -> list[dict]:
     import torch
     import torch.nn.functional as F
 
     from capllm.format.execution import _last_level_cache_bytes
     from capllm.kernels import BitmaskMatrix
 
-    llc = _last_level_cache_bytes()
+    llc = _last_level_cache_bytes() if device == "cpu" else 64 << 20  # a GPU's L2 is ≤ 64 MB
     target = max(working_set_mb << 20, 4 * llc)
+    thread_counts = (1, 2) if device == "cpu" else (None,)
     rows = []
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for model, shapes in SHAPES.items():
             for name, (m, n) in shapes.items():
                 copies = max(2, -(-target // (m * n * 4)))
-                W = [torch.randn(m, n, generator=g) for _ in range(copies)]
-                x = torch.randn(1, n, generator=g)
+                W = [torch.randn(m, n, generator=g).to(device) for _ in range(copies)]
+                x = torch.randn(1, n, generator=g).to(device)
                 for sparsity in SPARSITIES:
-                    keep = [w * (torch.rand(m, n, generator=g) >= sparsity) for w in W]
+                    keep = [w * (torch.rand(m, n, generator=g) >= sparsity).to(device) for w in W]
                     packs = {dt: [BitmaskMatrix.from_dense(s, dt) for s in keep] for dt in (torch.float32, torch.bfloat16)}
                     dense_bf16 = [s.to(torch.bfloat16) for s in keep]
                     nnz = sum(p.nnz for p in packs[torch.float32]) / copies
-                    for threads in (1, 2):
-                        torch.set_num_threads(threads)
-                        dense = _cold_ms([lambda s=s: F.linear(x, s) for s in keep])
-                        row = {"model": model, "matrix": name, "shape": [m, n], "sparsity": sparsity, "threads": threads, "copies": copies,
+                    for threads in thread_counts:
+                        if threads:
+                            torch.set_num_threads(threads)
+                        dense = _cold_ms([lambda s=s: F.linear(x, s) for s in keep], device=device)
+                        row = {"device": device, "model": model, "matrix": name, "shape": [m, n], "sparsity": sparsity, "threads": threads, "copies": copies,
                                "density": round(nnz / (m * n), 4), "dense_fp32_ms": round(dense, 4), "dense_fp32_gb_s": round(m * n * 4 / dense / 1e6, 2)}
                         xb = x.to(torch.bfloat16)
-                        row["dense_bf16_ms"] = round(_cold_ms([lambda s=s: F.linear(xb, s) for s in dense_bf16], 3), 4)
+                        row["dense_bf16_ms"] = round(_cold_ms([lambda s=s: F.linear(xb, s) for s in dense_bf16], 3, device), 4)
                         for dt, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-                            k = _cold_ms([lambda p=p: p.matmul(x) for p in packs[dt]])
+                            k = _cold_ms([lambda p=p: p.matmul(xb if tag == "bf16" and device != "cpu" else x) for p in packs[dt]], device=device)
                             item = torch.finfo(dt).bits // 8
                             packed_bytes = nnz * item + m * ((n + 7) // 8) + 8 * (m + 1)
                             row[f"kernel_{tag}_ms"] = round(k, 4)
@@ -131,8 +142,9 @@ def _status() -> dict:
     return out
 
 
-def measure_model(source: str, execution: str, sparse_dtype: str | None, new_tokens: int, repeats: int) -> dict:
-    """Run in a fresh process: load, decode, prefill; peak RSS."""
+def measure_model(source: str, execution: str, sparse_dtype: str | None, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
+    """Run in a fresh process: load, decode, prefill; peak RSS (and peak GPU memory). On CUDA
+    both models run in bf16 (the compressed one's kernel values too)."""
     import torch
 
     import capllm
@@ -141,45 +153,55 @@ def measure_model(source: str, execution: str, sparse_dtype: str | None, new_tok
     t0 = time.perf_counter()
     compressed = (Path(source) / "config.json").is_file() and "capllm" in json.loads((Path(source) / "config.json").read_text())
     if compressed:
-        model, tok = capllm.load_compressed(source, execution=execution, sparse_dtype=sparse_dtype)
+        model, tok = capllm.load_compressed(source, device=device, execution=execution, sparse_dtype=sparse_dtype)
     else:
         model, tok = capllm.load_model(source, dtype=torch.float32)
+    gpu = device != "cpu"
+    if gpu:
+        model.to(device=device, dtype=torch.bfloat16)
     load_s = time.perf_counter() - t0
     model.eval()
-    out = {"source": source, "compressed": compressed, "execution": execution if compressed else "dense model", "sparse_dtype": sparse_dtype,
+    out = {"source": source, "device": device, "dtype": "bfloat16" if gpu else "float32", "compressed": compressed, "execution": execution if compressed else "dense model", "sparse_dtype": sparse_dtype,
            "load_s": round(load_s, 2), "rss_after_load_mib": _status()["VmRSS"], "loadavg_start": os.getloadavg()[0]}
     if compressed:
         out["paths"] = describe_execution(model)["summary"]
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
-    long = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    long = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(1)).to(device)
     pad = getattr(tok, "eos_token_id", None) if tok is not None else None
     gen = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
     with torch.inference_mode():
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+        for threads in ((1, 2) if not gpu else (1,)):
+            if not gpu:
+                torch.set_num_threads(threads)
             model.generate(prompt, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
             rates, seqs = [], None
             for _ in range(repeats):
+                _sync(device)
                 t = time.perf_counter()
                 seqs = model.generate(prompt, **gen)
+                _sync(device)
                 rates.append(new_tokens / (time.perf_counter() - t))
             model(long)
             pre = []
             for _ in range(repeats):
+                _sync(device)
                 t = time.perf_counter()
                 model(long)
+                _sync(device)
                 pre.append((time.perf_counter() - t) * 1e3)
             out[f"threads{threads}"] = {"decode_tok_s": round(statistics.median(rates), 2), "decode_tok_s_all": [round(r, 2) for r in rates],
                                         "prefill_512_ms": round(statistics.median(pre), 1), "prefill_512_ms_all": [round(p, 1) for p in pre]}
         out["greedy_tokens"] = seqs[0, prompt.shape[1]:].tolist()
     st = _status()
     out.update(peak_rss_mib=st["VmHWM"], loadavg_end=os.getloadavg()[0])
+    if gpu:
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
-def model_row(source: str, execution: str, sparse_dtype: str | None, new_tokens: int, repeats: int, label: str) -> dict:
-    cmd = [sys.executable, __file__, "--_measure", source, "--execution", execution, "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+def model_row(source: str, execution: str, sparse_dtype: str | None, new_tokens: int, repeats: int, label: str, device: str = "cpu") -> dict:
+    cmd = [sys.executable, __file__, "--_measure", source, "--execution", execution, "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--device", device]
     if sparse_dtype:
         cmd += ["--sparse-dtype", sparse_dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -201,7 +223,7 @@ def tables(doc: dict) -> str:
               "| model | matrix | out×in | sparsity | threads | dense fp32 ms (GB/s) | kernel fp32 (GB/s) | ceiling fp32 | kernel bf16 values | ceiling bf16 (vs dense bf16) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
         for r in doc["kernels"]:
-            L.append(f"| {r['model']} | {r['matrix']} | {r['shape'][0]}×{r['shape'][1]} | {r['sparsity']:.0%} | {r['threads']} | {r['dense_fp32_ms']:.3f} ({r['dense_fp32_gb_s']:.1f}) | "
+            L.append(f"| {r['model']} | {r['matrix']} | {r['shape'][0]}×{r['shape'][1]} | {r['sparsity']:.0%} | {r['threads'] or r.get('device')} | {r['dense_fp32_ms']:.3f} ({r['dense_fp32_gb_s']:.1f}) | "
                      f"**{r['speedup_fp32']:.2f}×** ({r['kernel_fp32_gb_s']:.1f}) | {r['ceiling_fp32']:.2f}× | **{r['speedup_bf16']:.2f}×** | {r['ceiling_bf16']:.2f}× ({r['ceiling_bf16_vs_dense_bf16']:.2f}×) |")
     if doc.get("models"):
         base = next(r for r in doc["models"] if not r["compressed"])
@@ -210,6 +232,8 @@ def tables(doc: dict) -> str:
               "| model | execution | threads | decode tok/s | vs dense | prefill 512 ms | vs dense | peak RSS MiB | vs dense | layers per path |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in doc["models"]:
             for t in (1, 2):
+                if f"threads{t}" not in r:
+                    continue
                 a, b = r[f"threads{t}"], base[f"threads{t}"]
                 paths = ", ".join(f"{n} {p}" for p, n in (r.get("paths") or {}).items()) or "–"
                 L.append(f"| {r['label']} | {r['execution']} | {t} | {a['decode_tok_s']:.1f} | **{a['decode_tok_s'] / b['decode_tok_s']:.2f}×** | {a['prefill_512_ms']:.0f} | "
@@ -223,7 +247,7 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in doc["kernels"] if r["threads"] == 1]
+    rows = [r for r in doc["kernels"] if r["threads"] in (1, None)]
     fig, axes = plt.subplots(1, len(SPARSITIES), figsize=(4.2 * len(SPARSITIES), 3.8), sharey=True)
     for ax, sp in zip(axes, SPARSITIES):
         sel = [r for r in rows if r["sparsity"] == sp]
@@ -253,27 +277,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--working-set-mb", type=int, default=256)
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: the Triton kernel, bf16 models)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sparse-dtype", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._measure:
-        print(json.dumps(measure_model(a._measure, a.execution, a.sparse_dtype, a.new_tokens, a.repeats)))
+        print(json.dumps(measure_model(a._measure, a.execution, a.sparse_dtype, a.new_tokens, a.repeats, a.device)))
         return
     out = a.out or RESULTS / f"{a.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:]), "environment": _env(), "new_tokens": a.new_tokens, "repeats": a.repeats}
     if not a.skip_kernels:
-        doc["kernels"] = kernel_rows(a.working_set_mb)
+        doc["kernels"] = kernel_rows(a.working_set_mb, a.device)
     models = []
     if a.dense:
-        models.append(model_row(a.dense, "dense", None, a.new_tokens, a.repeats, f"{a.name} dense"))
+        models.append(model_row(a.dense, "dense", None, a.new_tokens, a.repeats, f"{a.name} dense", a.device))
     for spec in a.compressed:
         src, _, label = spec.partition(":")
         label = label or Path(src).name
-        models.append(model_row(src, a.execution, None, a.new_tokens, a.repeats, label))
-        if a.bf16_values:
-            models.append(model_row(src, a.execution, "bfloat16", a.new_tokens, a.repeats, label + " (bf16 values)"))
+        models.append(model_row(src, a.execution, None, a.new_tokens, a.repeats, label, a.device))
+        if a.bf16_values and a.device == "cpu":
+            models.append(model_row(src, a.execution, "bfloat16", a.new_tokens, a.repeats, label + " (bf16 values)", a.device))
     if models:
         doc["models"] = models
         if models[0]["compressed"] is False:

@@ -170,18 +170,27 @@ class LowRankSparseLinear(nn.Module):
         return w
 
     def _sparse_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed_shape is not None:
-            packed = self.packed
-            if x.numel() // self.in_features <= self.kernel_max_tokens:
-                return packed.matmul(x)
-            return F.linear(x, packed.dense().to(x.dtype))  # prefill: one transient unpack, then the GEMM
         if self.S.layout != torch.sparse_csr:
             return F.linear(x, self.S)
         x2 = x.reshape(-1, self.in_features)
         y = (self.S @ x2.t()).t()
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Bitmask layout. Decode (≤ ``kernel_max_tokens`` tokens): the whole layer in one kernel
+        call. Prefill: ``W = unpack(S) + U Vᵀ`` in one transient buffer, then one GEMM (bias fused),
+        so the low-rank part costs no extra passes over the activations."""
+        packed = self.packed
+        if x.numel() // self.in_features <= self.kernel_max_tokens:
+            return packed.matmul(x, U=self.U, V=self.V, bias=self.bias)
+        W = packed.dense().to(x.dtype)
+        if self.U is not None:
+            W.addmm_(self.U.to(x.dtype), self.V.t().to(x.dtype))
+        return F.linear(x, W, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed_shape is not None:
+            return self._packed_forward(x)
         if self.U is None:  # sparse only: one product, bias fused where the layout allows
             if self.sparse_layout == "dense":
                 return F.linear(x, self.S, self.bias)

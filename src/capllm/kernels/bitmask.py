@@ -26,7 +26,7 @@ from capllm.kernels import cpu_build, reference
 
 PAD = 16
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ISA = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+_ISA = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512-rowwise": 4}
 
 
 def _triton():
@@ -122,16 +122,26 @@ class BitmaskMatrix:
             return tri.unpack(self)
         return reference.unpack(self.values[: self.nnz], self.bitmask, self.shape).float()
 
-    def matmul(self, x: torch.Tensor, isa: str = "auto") -> torch.Tensor:
-        """``x Sᵀ`` for ``x (..., n)`` → ``(..., m)`` in ``x``'s dtype (fp32 accumulation)."""
+    def matmul(self, x: torch.Tensor, isa: str = "auto", U: torch.Tensor | None = None, V: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x Sᵀ (+ (x V) Uᵀ) (+ bias)`` for ``x (..., n)`` → ``(..., m)`` in ``x``'s dtype (fp32
+        accumulation). With ``U (m, r)``, ``V (n, r)`` and/or ``bias`` the CPU kernel does the whole
+        low-rank + sparse layer in one call."""
         m, n = self.shape
         if x.shape[-1] != n:
             raise ValueError(f"x has {x.shape[-1]} features, the matrix takes {n}")
         x2 = x.reshape(-1, n)
+        extra = U is not None or bias is not None
         if x.device.type == "cpu" and (ops := cpu_build.load()) is not None:
+            if extra:
+                return ops.spmv_fused(x2, self.values, self.bitmask, self.row_ptr, U, V, bias, _ISA[isa]).to(x.dtype).reshape(*x.shape[:-1], m)
             y = ops.spmv(x2, self.values, self.bitmask, self.row_ptr, _ISA[isa])
         elif x.device.type == "cuda" and (tri := _triton()) is not None:
             y = tri.spmv(x2, self)
         else:
             y = x2.float() @ self.dense().t()
+        if U is not None:
+            y = y + (x2.float() @ V.float()) @ U.float().t()
+        if bias is not None:
+            y = y + bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], m)
