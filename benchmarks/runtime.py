@@ -213,6 +213,20 @@ def model_row(source: str, execution: str, sparse_dtype: str | None, new_tokens:
     return row
 
 
+def _median_row(rows: list[dict]) -> dict:
+    """One model's rounds → its medians (decode rate, prefill time, peak RSS), all values kept."""
+    out = dict(rows[0])
+    for t in ("threads1", "threads2"):
+        if t in out:
+            out[t] = {"decode_tok_s": round(statistics.median(r[t]["decode_tok_s"] for r in rows), 2),
+                      "prefill_512_ms": round(statistics.median(r[t]["prefill_512_ms"] for r in rows), 1),
+                      "decode_tok_s_rounds": [r[t]["decode_tok_s"] for r in rows], "prefill_512_ms_rounds": [r[t]["prefill_512_ms"] for r in rows]}
+    out["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in rows)
+    out["peak_rss_mib_rounds"] = [r["peak_rss_mib"] for r in rows]
+    out["rounds"] = len(rows)
+    return out
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -227,8 +241,8 @@ def tables(doc: dict) -> str:
                      f"**{r['speedup_fp32']:.2f}×** ({r['kernel_fp32_gb_s']:.1f}) | {r['ceiling_fp32']:.2f}× | **{r['speedup_bf16']:.2f}×** | {r['ceiling_bf16']:.2f}× ({r['ceiling_bf16_vs_dense_bf16']:.2f}×) |")
     if doc.get("models"):
         base = next(r for r in doc["models"] if not r["compressed"])
-        L += ["", f"**End to end, batch 1** (greedy decode of {doc['new_tokens']} tokens, prefill = one {PREFILL}-token forward; medians of {doc['repeats']}; "
-              "each model in its own process)", "",
+        L += ["", f"**End to end, batch 1** (greedy decode of {doc['new_tokens']} tokens, prefill = one {PREFILL}-token forward; medians of {doc['repeats']} runs "
+              f"in each of {doc['models'][0].get('rounds', 1)} alternating rounds; each model in its own process)", "",
               "| model | execution | threads | decode tok/s | vs dense | prefill 512 ms | vs dense | peak RSS MiB | vs dense | layers per path |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in doc["models"]:
             for t in (1, 2):
@@ -275,6 +289,7 @@ def main() -> None:
     ap.add_argument("--bf16-values", action="store_true", help="also measure each compressed model with bf16 value storage")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="measure the whole model list this many times, alternating; report medians")
     ap.add_argument("--working-set-mb", type=int, default=256)
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: the Triton kernel, bf16 models)")
@@ -290,17 +305,21 @@ def main() -> None:
     doc = {"command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:]), "environment": _env(), "new_tokens": a.new_tokens, "repeats": a.repeats}
     if not a.skip_kernels:
         doc["kernels"] = kernel_rows(a.working_set_mb, a.device)
-    models = []
+    specs = []
     if a.dense:
-        models.append(model_row(a.dense, "dense", None, a.new_tokens, a.repeats, f"{a.name} dense", a.device))
+        specs.append((a.dense, "dense", None, f"{a.name} dense"))
     for spec in a.compressed:
         src, _, label = spec.partition(":")
         label = label or Path(src).name
-        models.append(model_row(src, a.execution, None, a.new_tokens, a.repeats, label, a.device))
+        specs.append((src, a.execution, None, label))
         if a.bf16_values and a.device == "cpu":
-            models.append(model_row(src, a.execution, "bfloat16", a.new_tokens, a.repeats, label + " (bf16 values)", a.device))
-    if models:
-        doc["models"] = models
+            specs.append((src, a.execution, "bfloat16", label + " (bf16 values)"))
+    rounds = []
+    for _ in range(a.rounds):  # the whole list per round, so drift on a shared machine hits every model alike
+        rounds.append([model_row(src, ex, sd, a.new_tokens, a.repeats, label, a.device) for src, ex, sd, label in specs])
+    if rounds:
+        doc["model_rounds"] = rounds
+        doc["models"] = models = [_median_row([r[i] for r in rounds]) for i in range(len(specs))]
         if models[0]["compressed"] is False:
             for r in models[1:]:
                 r["same_greedy_tokens_as_dense"] = sum(x == y for x, y in zip(r["greedy_tokens"], models[0]["greedy_tokens"])) / len(models[0]["greedy_tokens"])

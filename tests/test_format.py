@@ -427,11 +427,12 @@ def test_cli_compress_save_eval_generate(tiny_model_dir, text_file, tmp_path, ca
     assert rc == 0, err
     assert stdout.startswith("perplexity ")
 
-    rc, stdout, err = _cli(["generate", "--model", str(out), "The quick brown", "--max-new-tokens", "6", "--greedy", "--device", "cpu"], capsys)
+    rc, stdout, err = _cli(["generate", "--model", str(out), "The quick brown", "--max-new-tokens", "6", "--greedy", "--device", "cpu", "--execution", "dense"], capsys)
     assert rc == 0, err
     assert stdout.startswith("The quick brown") and "new tokens" in err and "14 dense" in err
-    rc2, stdout2, _ = _cli(["generate", "--model", str(out), "The quick brown", "--max-new-tokens", "6", "--greedy", "--device", "cpu"], capsys)
-    assert stdout2 == stdout  # greedy is deterministic
+    rc2, stdout2, err2 = _cli(["generate", "--model", str(out), "The quick brown", "--max-new-tokens", "6", "--greedy", "--device", "cpu", "--execution", "kernel"], capsys)
+    assert rc2 == 0 and "14 bitmask" in err2, err2
+    assert stdout2 == stdout  # greedy, and the packed kernel computes the same function
 
     dense = tmp_path / "dense"
     rc, _, err = _cli(["compress", "--model", str(tiny_model_dir), "--method", "wanda", "--ratio", "0.5", "--out", str(dense), "--save", "dense", *common], capsys)

@@ -159,35 +159,45 @@ def _packing_pays(density: float, itemsize: int) -> bool:
     return density < 1 - 1 / (8 * itemsize)
 
 
-def choose_layout(S: torch.Tensor, policy: str = "auto", packed: BitmaskMatrix | None = None,
-                  value_dtype: torch.dtype | None = None) -> tuple[str, dict[str, Any]]:
-    """``("dense" | "csr" | "bitmask", decision)`` for the dense matrix ``S`` on its target device.
+def choose_layout(S: torch.Tensor | BitmaskMatrix, policy: str = "auto", value_dtype: torch.dtype | None = None,
+                  dense_dtype: torch.dtype | None = None) -> tuple[str, dict[str, Any]]:
+    """``("dense" | "csr" | "bitmask", decision)`` for a sparse part on its target device.
 
-    ``packed``: ``S`` already in the bitmask layout (built from ``S`` when needed and absent);
-    ``value_dtype``: the dtype the bitmask layout stores the values in (default ``S``'s).
+    ``S``: the dense matrix, or the part already in the bitmask layout (a
+    :class:`~capllm.kernels.BitmaskMatrix`, then unpacked only if a probe needs it — a layer whose
+    probe is cached costs no dense copy); ``value_dtype``: the dtype the bitmask layout stores the
+    values in (default ``S``'s); ``dense_dtype``: a packed ``S``'s dtype as a dense matrix.
     """
-    m, n = S.shape
-    nnz = int((S != 0).sum())
+    if isinstance(S, BitmaskMatrix):
+        packed, (m, n), nnz, device = S, S.shape, S.nnz, S.device
+        dtype = dense_dtype or S.dtype
+        dense = lambda: packed.dense().to(dtype)  # noqa: E731
+        vdt = S.dtype
+    else:
+        packed, (m, n), nnz, device, dtype = None, S.shape, int((S != 0).sum()), S.device, S.dtype
+        dense = lambda: S  # noqa: E731
+        vdt = value_dtype or S.dtype
     density = nnz / (m * n)
-    threads = torch.get_num_threads() if S.device.type == "cpu" else None
-    decision: dict[str, Any] = {"policy": policy, "density": round(density, 6), "device": str(S.device)}
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    decision: dict[str, Any] = {"policy": policy, "density": round(density, 6), "device": str(device)}
     if threads is not None:
         decision["threads"] = threads
     if policy in ("dense", "csr"):
         return policy, {**decision, "reason": f"forced by policy {policy}"}
-    backend = kernel_backend(S.device)
+    backend = kernel_backend(device)
     if policy == "kernel":
-        why = "forced by policy kernel" + ("" if backend else f" (no kernel here: {kernel_unavailable_reason(S.device)}; runs by unpacking)")
+        why = "forced by policy kernel" + ("" if backend else f" (no kernel here: {kernel_unavailable_reason(device)}; runs by unpacking)")
         return "bitmask", {**decision, "backend": backend, "kernel_max_tokens": DEFAULT_KERNEL_MAX_TOKENS, "reason": why}
-    vdt = value_dtype or S.dtype
     if backend is None:
-        decision["kernel"] = f"unavailable: {kernel_unavailable_reason(S.device)}"
+        decision["kernel"] = f"unavailable: {kernel_unavailable_reason(device)}"
     elif not _packing_pays(density, torch.finfo(vdt).bits // 8):
         decision["kernel"] = f"density {density:.3f}: packing does not pay"
     else:
-        key = ("kernel", str(S.device), threads, m, n, round(density * 10) / 10, S.dtype, vdt)
+        key = ("kernel", str(device), threads, m, n, round(density * 10) / 10, dtype, vdt)
         if key not in _probe_cache:
-            _probe_cache[key] = probe_kernel(S, packed if packed is not None else BitmaskMatrix.from_dense(S, vdt))
+            Sd = dense()
+            _probe_cache[key] = probe_kernel(Sd, packed if packed is not None else BitmaskMatrix.from_dense(Sd, vdt))
+            del Sd
         timing = _probe_cache[key]
         if timing["kernel_max_tokens"] > 0:
             t1 = DECODE_TOKENS[0]
@@ -196,9 +206,9 @@ def choose_layout(S: torch.Tensor, policy: str = "auto", packed: BitmaskMatrix |
         decision.update(backend=backend, kernel_ms=timing["kernel_ms"], dense_cold_ms=timing["dense_cold_ms"], kernel="slower than dense at 1 token")
     if density > AUTO_CSR_MAX_DENSITY:
         return "dense", {**decision, "reason": f"density {density:.3f} > {AUTO_CSR_MAX_DENSITY}: CSR does not pay"}
-    key = (str(S.device), threads, m, n, round(density, 2), S.dtype)
+    key = (str(device), threads, m, n, round(density, 2), dtype)
     if key not in _probe_cache:
-        _probe_cache[key] = probe(S)
+        _probe_cache[key] = probe(dense())
     timing = _probe_cache[key]
     csr_ok = timing["csr_ms"] is not None and timing["csr_ms"] < CSR_MARGIN * timing["dense_ms"]
     layout = "csr" if csr_ok else "dense"

@@ -29,6 +29,7 @@ from capllm.format.bitmask import csr_from_bitmask, unpack_bitmask
 from capllm.format.execution import check_policy, choose_layout
 from capllm.format.modules import LowRankSparseLinear
 from capllm.kernels import VALUE_DTYPES, BitmaskMatrix
+from capllm.utils import trim_heap
 
 
 def read_section(path: Path) -> dict:
@@ -80,25 +81,32 @@ def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str, spa
     shape = tuple(spec["shape"])
     bias = None if packed.bias is None else packed.bias.data
     S = bits = None
+    decision = layout = None
     if packed.layout == "bitmask":
-        S = unpack_bitmask(packed.S_values.data, packed.S_bitmask, shape)
         vdt = sparse_dtype or packed.S_values.dtype
-        bits = BitmaskMatrix.from_packed(packed.S_values.data, packed.S_bitmask, shape, vdt) if vdt in VALUE_DTYPES else None
+        dense_dtype = packed.S_values.dtype
+        if vdt in VALUE_DTYPES:
+            bits = BitmaskMatrix.from_packed(packed.S_values.data, packed.S_bitmask, shape, vdt)
+            layout, decision = choose_layout(bits, policy, dense_dtype=dense_dtype)
+        else:
+            S = unpack_bitmask(packed.S_values.data, packed.S_bitmask, shape)
+            layout, decision = choose_layout(S, policy)
+        if layout == "csr":
+            S = csr_from_bitmask(packed.S_values.data, packed.S_bitmask, shape)
+        elif layout == "dense" and S is None:
+            S = unpack_bitmask(packed.S_values.data, packed.S_bitmask, shape)
     elif packed.layout == "dense":
         S = packed.S.data
-    decision = None
-    layout = None
-    if S is not None:
-        layout, decision = choose_layout(S, policy, bits, sparse_dtype)
+        dense_dtype = S.dtype
+        layout, decision = choose_layout(S, policy, sparse_dtype)
+        if layout == "bitmask":
+            bits = BitmaskMatrix.from_dense(S, sparse_dtype)
+    if decision is not None:
         decision["nnz"] = int(spec.get("nnz", 0))
     if packed.U is None and layout == "dense":
         mod = _plain_module(spec.get("kind", "linear"), S, bias)
         mod.capllm_decision = decision
         return mod
-    if layout == "csr" and packed.layout == "bitmask":
-        S = csr_from_bitmask(packed.S_values.data, packed.S_bitmask, shape)
-    if layout == "bitmask" and bits is None:
-        bits = BitmaskMatrix.from_dense(S, sparse_dtype)
     ref = packed.U if packed.U is not None else packed.S_values if packed.layout == "bitmask" else packed.S
     with torch.device("meta"):
         mod = LowRankSparseLinear(shape[1], shape[0], 0, False, False, dtype=ref.dtype)
@@ -106,7 +114,7 @@ def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str, spa
         mod.U = nn.Parameter(packed.U.data, requires_grad=False)
         mod.V = nn.Parameter(packed.V.data, requires_grad=False)
     if layout == "bitmask":
-        mod.set_packed(bits, S.dtype)
+        mod.set_packed(bits, dense_dtype)
         mod.kernel_max_tokens = decision.get("kernel_max_tokens", mod.kernel_max_tokens)
     elif S is not None:
         mod.S = nn.Parameter(S, requires_grad=False)
@@ -177,6 +185,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
         parent, _, child = spec["name"].rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, _runnable(getattr(owner, child), spec, execution, sparse_dtype))
+    trim_heap()  # the packed modules and probe buffers just freed: give the heap back to the OS
     model.eval()
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):

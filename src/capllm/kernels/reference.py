@@ -21,9 +21,17 @@ def mask_of(bitmask: torch.Tensor, n: int) -> torch.Tensor:
     return bits.reshape(bitmask.shape[0], -1)[:, :n].bool()
 
 
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
 def row_counts(bitmask: torch.Tensor, n: int) -> torch.Tensor:
-    """Non-zeros per row, ``(m,) int64``, from the mask's bits (columns ≥ n ignored)."""
-    return mask_of(bitmask, n).sum(1)
+    """Non-zeros per row, ``(m,) int64``, from the mask's bits (columns ≥ n ignored): a popcount
+    table lookup per byte, so no ``(m, n)`` temporary."""
+    b = bitmask
+    if n % 8 and b.shape[1]:
+        b = b.clone()
+        b[:, -1] &= (1 << (n % 8)) - 1
+    return _POPCOUNT.to(b.device)[b.to(torch.int32)].sum(1, dtype=torch.int64)
 
 
 def pack(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
