@@ -29,7 +29,7 @@ from capllm.format.bitmask import csr_from_bitmask, unpack_bitmask
 from capllm.format.execution import check_policy, choose_layout
 from capllm.format.modules import LowRankSparseLinear
 from capllm.kernels import VALUE_DTYPES, BitmaskMatrix
-from capllm.utils import trim_heap
+from capllm.utils import release_host_pages, trim_heap
 
 
 def read_section(path: Path) -> dict:
@@ -76,6 +76,18 @@ def _plain_module(kind: str, W: torch.Tensor, bias: torch.Tensor | None) -> nn.M
     return mod
 
 
+def _release_replaced(packed: modeling_capllm.CapllmLinear, S: torch.Tensor | None, bits: BitmaskMatrix | None) -> None:
+    """Drop the checkpoint-mapped pages of the packed tensors that the runnable form copied (the
+    values, padded for the kernel; the mask too when ``S`` was unpacked or converted), so the
+    checkpoint's file pages do not stay resident beside the copies."""
+    kept = set()
+    for t in ([S] if S is not None and S.layout == torch.strided else []) + (list(bits.tensors().values()) if bits is not None else []):
+        kept.add(t.untyped_storage().data_ptr())
+    done = [t.data for t in (getattr(packed, "S_values", None), getattr(packed, "S_bitmask", None), getattr(packed, "S", None))
+            if t is not None and t.untyped_storage().data_ptr() not in kept]
+    release_host_pages(done)
+
+
 def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str, sparse_dtype: torch.dtype | None) -> nn.Module:
     """Replace one packed module by its runnable form (see the module docstring)."""
     shape = tuple(spec["shape"])
@@ -103,6 +115,7 @@ def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str, spa
             bits = BitmaskMatrix.from_dense(S, sparse_dtype)
     if decision is not None:
         decision["nnz"] = int(spec.get("nnz", 0))
+    _release_replaced(packed, S, bits)
     if packed.U is None and layout == "dense":
         mod = _plain_module(spec.get("kind", "linear"), S, bias)
         mod.capllm_decision = decision
