@@ -48,8 +48,9 @@ def _env() -> dict:
     import torch
 
     from capllm.kernels import cpu_build
+    from capllm.results import source_commit
 
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
+    return {"capllm_commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
             "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None),
             "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": cpu_build.best_isa(), "kernel_unavailable": cpu_build.unavailable_reason(),
             "loadavg": os.getloadavg()[0]}
