@@ -3,6 +3,8 @@ spot, and a small text corpus — everything built inside the test, nothing down
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,15 @@ def tiny_model_dir(tmp_path) -> Path:
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_kernel_build(tmp_path_factory):
+    """One build of the CPU kernel for the whole session, shared by every test and subprocess
+    (each test has its own CAPLLM_CACHE, and a fresh process would compile it again)."""
+    os.environ["CAPLLM_KERNEL_CACHE"] = str(tmp_path_factory.getbasetemp() / "kernels")
+    yield
+    os.environ.pop("CAPLLM_KERNEL_CACHE", None)
 
 
 @pytest.fixture(autouse=True)

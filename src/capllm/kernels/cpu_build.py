@@ -2,7 +2,7 @@
 
 The C++ file is compiled once per (source, torch version, Python) with torch's own extension
 builder (``torch.utils.cpp_extension.load``, ninja + the system C++ compiler) into
-``$CAPLLM_CACHE/kernels/<key>/`` and registered as the torch operators
+``$CAPLLM_KERNEL_CACHE`` (default ``$CAPLLM_CACHE/kernels``) ``/<key>/`` and registered as the torch operators
 ``torch.ops.capllm_bitmask.{spmv, unpack, best_isa}``. It needs no special ``-march``: every
 vector path carries its own ``target`` attribute and the ISA is chosen at run time from
 ``cpuid``, so one build serves any x86-64 CPU (AVX-512, AVX2 or scalar).
@@ -32,10 +32,12 @@ _state: dict = {"tried": False, "ops": None, "reason": None}
 
 
 def _build_dir() -> Path:
+    """``$CAPLLM_KERNEL_CACHE`` (default ``$CAPLLM_CACHE/kernels``) / one folder per source and toolchain."""
     from capllm.utils import cache_dir
 
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"bitmask_cpu-{key}"
+    root = Path(os.environ["CAPLLM_KERNEL_CACHE"]) if os.environ.get("CAPLLM_KERNEL_CACHE") else cache_dir() / "kernels"
+    return root / f"bitmask_cpu-{key}"
 
 
 def _try_build():
