@@ -89,6 +89,19 @@ def test_fused_low_rank_sparse_layer_in_one_call(rank, bias):
             assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), (isa, T)
 
 
+@pytest.mark.parametrize("chunk_bytes", [4 << 20, 4 * 70 * 5, 1])
+def test_prefill_in_row_blocks_equals_the_dense_layer(chunk_bytes):
+    """The prefill GEMM over row blocks of unpack(S) + UVᵀ (one block, blocks of 5 rows, 1 row)."""
+    g = torch.Generator().manual_seed(7)
+    m, n, r = 23, 70, 3
+    S = _sparse((m, n), 0.5, seed=8)
+    U, V, b = torch.randn(m, r, generator=g), torch.randn(n, r, generator=g), torch.randn(m, generator=g)
+    x = torch.randn(2, 40, n, generator=g)
+    want = x.double() @ (S.double() + U.double() @ V.double().t()).t() + b.double()
+    got = BitmaskMatrix.from_dense(S).linear_prefill(x, U, V, b, chunk_bytes=chunk_bytes)
+    assert got.shape == (2, 40, m) and (got.double() - want).abs().max() <= 1e-5 * want.abs().max().item()
+
+
 def test_kernel_keeps_leading_dims_and_dtype_and_refuses_a_wrong_width():
     S = _sparse((12, 40), 0.5)
     P = BitmaskMatrix.from_dense(S)

@@ -9,7 +9,7 @@ absent, ``r = 0``); ``S (out × in)`` is the sparse part, held in one of three l
 * ``bitmask`` — the saved packed layout (buffers ``S_values``, ``S_bitmask``, ``S_row_ptr``: a
   :class:`capllm.kernels.BitmaskMatrix`). An input of at most :attr:`kernel_max_tokens` tokens
   runs the packed kernel (reads ~half the bytes of dense at 50 % density: the decode path);
-  a longer one unpacks ``S`` once into a transient dense fp32 matrix and runs the dense GEMM
+  a longer one runs the dense GEMM on ``S`` unpacked a few MB of rows at a time into a reused buffer
   (the prefill path), so the module never keeps a dense copy.
 
 Which layout runs where is chosen at load time by :mod:`capllm.format.execution`.
@@ -178,15 +178,13 @@ class LowRankSparseLinear(nn.Module):
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Bitmask layout. Decode (≤ ``kernel_max_tokens`` tokens): the whole layer in one kernel
-        call. Prefill: ``W = unpack(S) + U Vᵀ`` in one transient buffer, then one GEMM (bias fused),
-        so the low-rank part costs no extra passes over the activations."""
+        call. Prefill: the dense GEMM on ``unpack(S) + U Vᵀ``, built a few MB of rows at a time in a
+        reused buffer (:meth:`~capllm.kernels.BitmaskMatrix.linear_prefill`), so the low-rank part
+        costs no extra passes over the activations and no call allocates a dense matrix."""
         packed = self.packed
         if x.numel() // self.in_features <= self.kernel_max_tokens:
             return packed.matmul(x, U=self.U, V=self.V, bias=self.bias)
-        W = packed.dense().to(x.dtype)
-        if self.U is not None:
-            W.addmm_(self.U.to(x.dtype), self.V.t().to(x.dtype))
-        return F.linear(x, W, self.bias)
+        return packed.linear_prefill(x, U=self.U, V=self.V, bias=self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed_shape is not None:

@@ -20,11 +20,23 @@ dense fp32 matrix first (:func:`capllm.kernels.reference.unpack`), which is exac
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from capllm.kernels import cpu_build, reference
 
 PAD = 16
+PREFILL_CHUNK_BYTES = 4 << 20
+_tls = threading.local()
+
+
+def _workspace(numel: int) -> torch.Tensor:
+    """A per-thread fp32 CPU buffer of at least ``numel`` elements (grown, never shrunk)."""
+    ws = getattr(_tls, "ws", None)
+    if ws is None or ws.numel() < numel:
+        ws = _tls.ws = torch.empty(numel, dtype=torch.float32)
+    return ws
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ISA = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512-rowwise": 4}
 
@@ -121,6 +133,33 @@ class BitmaskMatrix:
         if tri is not None:
             return tri.unpack(self)
         return reference.unpack(self.values[: self.nnz], self.bitmask, self.shape).float()
+
+    def linear_prefill(self, x: torch.Tensor, U: torch.Tensor | None = None, V: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
+        """``x (S + U Vᵀ)ᵀ + bias`` for many tokens: the dense GEMM, on ``S`` unpacked a block of rows
+        at a time (≤ ``chunk_bytes``, into one reused per-thread buffer) with ``U Vᵀ`` added to the
+        block, so no call allocates a dense matrix. CPU + fp32 with the compiled kernel; anywhere
+        else one unpack of the whole ``S``."""
+        m, n = self.shape
+        ops = cpu_build.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if ops is None:
+            W = self.dense().to(x.dtype)
+            if U is not None:
+                W.addmm_(U.to(x.dtype), V.t().to(x.dtype))
+            return torch.nn.functional.linear(x, W, bias)
+        x2 = x.reshape(-1, n)
+        rows = max(1, min(m, (chunk_bytes or PREFILL_CHUNK_BYTES) // (4 * max(n, 1))))
+        ws = _workspace(rows * n)
+        y = torch.empty(x2.shape[0], m, dtype=torch.float32)
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            Wc = ops.unpack_rows(self.values, self.bitmask, self.row_ptr, n, r0, r1, ws[: (r1 - r0) * n].view(r1 - r0, n), 0)
+            if U is not None:
+                Wc.addmm_(U[r0:r1], V.t())
+            torch.mm(x2, Wc.t(), out=y[:, r0:r1] if rows < m else y)
+        if bias is not None:
+            y += bias
+        return y.reshape(*x.shape[:-1], m)
 
     def matmul(self, x: torch.Tensor, isa: str = "auto", U: torch.Tensor | None = None, V: torch.Tensor | None = None,
                bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -463,6 +463,32 @@ at::Tensor bitmask_unpack(const at::Tensor& values, const at::Tensor& bitmask, c
   return out;
 }
 
+// Rows [r0, r1) of S, dense fp32, into `out` ((r1 - r0) x n, contiguous): the prefill path
+// unpacks a few MB at a time into one reused buffer, so no call allocates (or page-faults) a
+// whole dense matrix.
+at::Tensor bitmask_unpack_rows(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n, int64_t r0, int64_t r1,
+                               at::Tensor out, int64_t isa_req) {
+  Problem P = make_problem(values, bitmask, row_ptr, n);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= P.m, "capllm kernel: rows [", r0, ", ", r1, ") outside 0..", P.m);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == (r1 - r0) * n, "capllm kernel: out must be a contiguous float32 ((r1 - r0) x n) tensor");
+  P.y = out.data_ptr<float>() - r0 * n;  // row i lands at out[(i - r0) * n]
+  const int vt = value_type(values);
+  const int isa = resolve_isa(isa_req);
+  at::parallel_for(r0, r1, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t a, int64_t b) {
+    if (isa == SCALAR) { unpack_scalar(P, vt, a, b); return; }
+    if (isa == AVX512 || isa == AVX512_ROWWISE) {
+      if (vt == F32) unpack_avx512<F32>(P, a, b);
+      else if (vt == BF16) unpack_avx512<BF16>(P, a, b);
+      else unpack_avx512<F16>(P, a, b);
+    } else {
+      if (vt == F32) unpack_avx2<F32>(P, a, b);
+      else if (vt == BF16) unpack_avx2<BF16>(P, a, b);
+      else unpack_avx2<F16>(P, a, b);
+    }
+  });
+  return out;
+}
+
 int64_t best_isa() { return resolve_isa(AUTO); }
 
 }  // namespace
@@ -471,6 +497,7 @@ TORCH_LIBRARY(capllm_bitmask, m) {
   m.def("spmv(Tensor x, Tensor values, Tensor bitmask, Tensor row_ptr, int isa=0) -> Tensor");
   m.def("spmv_fused(Tensor x, Tensor values, Tensor bitmask, Tensor row_ptr, Tensor? U, Tensor? V, Tensor? bias, int isa=0) -> Tensor");
   m.def("unpack(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int isa=0) -> Tensor");
+  m.def("unpack_rows(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int r0, int r1, Tensor(a!) out, int isa=0) -> Tensor(a!)");
   m.def("best_isa", &best_isa);
 }
 
@@ -478,4 +505,5 @@ TORCH_LIBRARY_IMPL(capllm_bitmask, CPU, m) {
   m.impl("spmv", &bitmask_spmv);
   m.impl("spmv_fused", &bitmask_spmv_fused);
   m.impl("unpack", &bitmask_unpack);
+  m.impl("unpack_rows", &bitmask_unpack_rows);
 }
