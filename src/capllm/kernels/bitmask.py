@@ -35,7 +35,8 @@ def _workspace(numel: int) -> torch.Tensor:
     """A per-thread fp32 CPU buffer of at least ``numel`` elements (grown, never shrunk)."""
     ws = getattr(_tls, "ws", None)
     if ws is None or ws.numel() < numel:
-        ws = _tls.ws = torch.empty(numel, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            ws = _tls.ws = torch.empty(numel, dtype=torch.float32)
     return ws
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ISA = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512-rowwise": 4}
@@ -141,7 +142,8 @@ class BitmaskMatrix:
         block, so no call allocates a dense matrix. CPU + fp32 with the compiled kernel; anywhere
         else one unpack of the whole ``S``."""
         m, n = self.shape
-        ops = cpu_build.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, U, V, bias))
+        ops = cpu_build.load() if x.device.type == "cpu" and x.dtype == torch.float32 and not grad else None
         if ops is None:
             W = self.dense().to(x.dtype)
             if U is not None:
