@@ -67,18 +67,12 @@ def _sync(device) -> None:
 
 
 def _cold_ms(fns, repeats: int = 5, device="cpu") -> float:
-    """Median per-call ms over ``repeats`` sweeps through ``fns`` (distinct matrices: DRAM-bound)."""
-    for f in fns:
-        f()
-    _sync(device)
-    per = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for f in fns:
-            f()
-        _sync(device)
-        per.append((time.perf_counter() - t) / len(fns) * 1e3)
-    return statistics.median(per)
+    """Median per-call ms of sweeps through ``fns`` (distinct matrices: DRAM-bound) — the probe's timer."""
+    import torch
+
+    from capllm.format.execution import sweep_ms
+
+    return sweep_ms(fns, torch.device(device), repeats)
 
 
 def kernel_rows(working_set_mb: int, device: str = "cpu") -> list[dict]:

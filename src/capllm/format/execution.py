@@ -106,7 +106,7 @@ def probe(S: torch.Tensor, tokens: int = PROBE_TOKENS) -> dict[str, Any]:
     return out
 
 
-def _sweep_ms(fns, device: torch.device, repeats: int = COLD_REPEATS) -> float:
+def sweep_ms(fns, device: torch.device, repeats: int = COLD_REPEATS) -> float:
     """Median per-call ms of sweeps through ``fns`` (one call per distinct copy)."""
     for f in fns:
         f()
@@ -139,8 +139,8 @@ def probe_kernel(S: torch.Tensor, packed: BitmaskMatrix) -> dict[str, Any]:
     with torch.inference_mode():
         for t in DECODE_TOKENS:
             x = torch.randn(t, S.shape[1], dtype=S.dtype, device=dev)
-            out["dense_cold_ms"][t] = round(_sweep_ms([lambda W=W: F.linear(x, W) for W in dense], dev), 4)
-            out["kernel_ms"][t] = round(_sweep_ms([lambda P=P: P.matmul(x) for P in packs], dev), 4)
+            out["dense_cold_ms"][t] = round(sweep_ms([lambda W=W: F.linear(x, W) for W in dense], dev), 4)
+            out["kernel_ms"][t] = round(sweep_ms([lambda P=P: P.matmul(x) for P in packs], dev), 4)
         del dense[1:], packs[1:]
         x = torch.randn(PREFILL_TOKENS, S.shape[1], dtype=S.dtype, device=dev)
         base = _median_ms(lambda: F.linear(x, S), dev, COLD_REPEATS)

@@ -442,27 +442,6 @@ at::Tensor bitmask_spmv_fused(const at::Tensor& x_in, const at::Tensor& values, 
   return y;
 }
 
-at::Tensor bitmask_unpack(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n, int64_t isa_req) {
-  Problem P = make_problem(values, bitmask, row_ptr, n);
-  at::Tensor out = at::empty({P.m, n}, values.options().dtype(at::kFloat));
-  P.y = out.data_ptr<float>();
-  const int vt = value_type(values);
-  const int isa = resolve_isa(isa_req);
-  for_rows(P.m, n, [&](int64_t r0, int64_t r1) {
-    if (isa == SCALAR) { unpack_scalar(P, vt, r0, r1); return; }
-    if (isa == AVX512 || isa == AVX512_ROWWISE) {
-      if (vt == F32) unpack_avx512<F32>(P, r0, r1);
-      else if (vt == BF16) unpack_avx512<BF16>(P, r0, r1);
-      else unpack_avx512<F16>(P, r0, r1);
-    } else {
-      if (vt == F32) unpack_avx2<F32>(P, r0, r1);
-      else if (vt == BF16) unpack_avx2<BF16>(P, r0, r1);
-      else unpack_avx2<F16>(P, r0, r1);
-    }
-  });
-  return out;
-}
-
 // Rows [r0, r1) of S, dense fp32, into `out` ((r1 - r0) x n, contiguous): the prefill path
 // unpacks a few MB at a time into one reused buffer, so no call allocates (or page-faults) a
 // whole dense matrix.
@@ -474,7 +453,7 @@ at::Tensor bitmask_unpack_rows(const at::Tensor& values, const at::Tensor& bitma
   P.y = out.data_ptr<float>() - r0 * n;  // row i lands at out[(i - r0) * n]
   const int vt = value_type(values);
   const int isa = resolve_isa(isa_req);
-  at::parallel_for(r0, r1, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t a, int64_t b) {
+  at::parallel_for(r0, r1, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t a, int64_t b) {  // as for_rows
     if (isa == SCALAR) { unpack_scalar(P, vt, a, b); return; }
     if (isa == AVX512 || isa == AVX512_ROWWISE) {
       if (vt == F32) unpack_avx512<F32>(P, a, b);
@@ -487,6 +466,11 @@ at::Tensor bitmask_unpack_rows(const at::Tensor& values, const at::Tensor& bitma
     }
   });
   return out;
+}
+
+at::Tensor bitmask_unpack(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n, int64_t isa_req) {
+  const int64_t m = bitmask.size(0);
+  return bitmask_unpack_rows(values, bitmask, row_ptr, n, 0, m, at::empty({m, n}, values.options().dtype(at::kFloat)), isa_req);
 }
 
 int64_t best_isa() { return resolve_isa(AUTO); }
