@@ -93,7 +93,8 @@ class CapRun:
             raise CapllmError("cap needs calibration data")
         fisher = getattr(self.o, "score", "") == "fisher"
         with ctx.timer.stage("stage1"):
-            self.s1 = run_stage1(ctx, self.o, self.store, self.full_gram(), keep_inputs=fisher and self.store.stage("fisher") is None, keep_gram=self.keep_gram())
+            self.s1 = run_stage1(ctx, self.o, self.store, self.full_gram(), keep_inputs=fisher and self.store.stage("fisher") is None, keep_gram=self.keep_gram(),
+                                 entry_gain=self.full_gram() and getattr(self.o, "entry_score", "kfac") == "obs")
 
     def fisher(self) -> None:
         """``G = E[g²]`` of every linear's output gradient, by the block-wise backward pass."""
@@ -152,7 +153,12 @@ class CapRun:
                     if block_index != h.block_index:
                         block_stats, block_index = store.block_stats(h.block_index), h.block_index
                     vcv, adiag = block_stats[h.name]["vcv"], block_stats[h.name]["adiag"]
-                imp = matrix_importance(p, kind, vcv, adiag, None if G is None else G[h.name], normalize)
+                gain = None
+                if kind in ("activation", "fisher") and getattr(self.o, "entry_score", "kfac") == "obs":
+                    if "gain" not in block_stats[h.name]:
+                        raise CapllmError(f"the run's statistics of {h.name} have no OBS gain (entry_score=obs): start the run in a new --out")
+                    gain = block_stats[h.name]["gain"]
+                imp = matrix_importance(p, kind, vcv, adiag, None if G is None else G[h.name], normalize, entry_gain=gain)
                 store.save_key(h.name, imp / matrix_costs(p), p.rank, p.nnz, p.direction_cost)
             store.finish_stage("scores")
 
@@ -190,7 +196,7 @@ class CapRun:
     def load_key(self, k: int) -> torch.Tensor:
         return self.store.key(self.ctx.linears[k].name)
 
-    def keep_writer(self):
+    def keep_writer(self, kind: str = "keep"):
         rows = {}
 
         def store_keep(k: int, keep: torch.Tensor) -> None:
@@ -198,22 +204,39 @@ class CapRun:
             seg = self._segs[k]
             r, e = int(keep[: seg.rank].sum()), int(keep[seg.rank :].sum())
             rows[h.name] = (r, e)
-            self.store.save_keep(h.name, keep)
+            self.store.save_keep(h.name, keep, kind=kind)
 
         return rows, store_keep
 
-    def select(self, budget: int, ratio: float, spread: float) -> dict:
-        """The final mask of the global ranking (bounded per matrix when ``spread`` is finite)."""
-        return self.store.stage("select") or self._on_main(lambda: self._select(budget, ratio, spread), "select")
+    def select(self, budget: int, ratio: float, spread: float, scope: str = "model") -> dict:
+        """The final mask of the global ranking (bounded per matrix when ``spread`` is finite;
+        inside each decoder block when ``scope="block"``)."""
+        return self.store.stage("select") or self._on_main(lambda: self._select(budget, ratio, spread, scope), "select")
 
-    def _select(self, budget: int, ratio: float, spread: float) -> dict:
+    def _select_blocks(self, ratio: float, store_keep) -> dict:
+        """The global ranking inside each decoder block: block ``b`` keeps ``⌊(1 − ρ) Σ_{W ∈ b} m n⌋``,
+        shared among its matrices by the scores — no comparison of scores across blocks."""
+        segs = self._segs
+        by_block: dict[int, list[int]] = {}
+        for k, h in enumerate(self.ctx.linears):
+            by_block.setdefault(h.block_index, []).append(k)
+        spent = 0
+        for ks in by_block.values():
+            b = int((1.0 - ratio) * sum(self.ctx.linears[k].numel for k in ks))
+            info = streamed_greedy([segs[k] for k in ks], lambda i, ks=ks: self.load_key(ks[i]), b, lambda i, keep, ks=ks: store_keep(ks[i], keep))
+            spent += info["spent"]
+        return {"scope": "block", "blocks": len(by_block), "spent": spent}
+
+    def _select(self, budget: int, ratio: float, spread: float, scope: str = "model") -> dict:
         store = self.store
         if (done := store.stage("select")) is not None:
             return done
         self._segs = segs = self.segments()
         rows, store_keep = self.keep_writer()
         with self.ctx.timer.stage("stage2_final"):
-            if spread == float("inf"):
+            if scope == "block":
+                info = self._select_blocks(ratio, store_keep)
+            elif spread == float("inf"):
                 info = streamed_greedy(segs, self.load_key, budget, store_keep, progress=self.ctx.progress, desc="CAP stage 2: selection")
             else:
                 keep_frac = 1.0 - ratio
@@ -279,40 +302,53 @@ class CapRun:
         return out
 
     # --- the allocation guard -------------------------------------------------------------------
-    def guard(self, sel: dict, ratio: float, windows: torch.Tensor | None) -> tuple[dict, dict]:
-        """Check the selected (global) mask against the uniform split on held-out windows
-        (:mod:`capllm.allocate.guard`); when the uniform one's loss is lower it becomes the mask.
-        Returns ``(selection, guard record)``; resumable (the choice is recorded before it is applied)."""
+    def guard(self, sel: dict, ratio: float, windows: torch.Tensor | None, against: tuple[str, ...] = ("uniform",)) -> tuple[dict, dict]:
+        """Check the selected (global) mask against each allocation of ``against`` — ``uniform``
+        (every matrix its own share, ``cap-uniform``) and/or ``block`` (the ranking inside each
+        block, every block its own share) — on held-out windows (:mod:`capllm.allocate.guard`);
+        the one of lowest loss becomes the mask. Returns ``(selection, guard record)``; resumable
+        (the choice is recorded before it is applied)."""
         if windows is None or len(windows) == 0:
-            raise CapllmError("cap option guard=uniform needs held-out calibration windows (guard_windows ≥ 1)")
+            raise CapllmError("cap option guard needs held-out calibration windows (guard_windows ≥ 1)")
         store = self.store
-        info = store.stage("guard") or self._on_main(lambda: self._guard_losses(ratio, windows, sel["budget"]["target"]), "guard")
-        if info["chosen"] == "uniform":
-            sel = store.stage("guard-applied") or self._on_main(lambda: self._apply_uniform(sel["budget"]["target"]), "guard-applied")
+        info = store.stage("guard") or self._on_main(lambda: self._guard_losses(ratio, windows, against), "guard")
+        if info["chosen"] != "global":
+            sel = store.stage("guard-applied") or self._on_main(lambda: self._apply_alternative(info["chosen"], sel["budget"]["target"]), "guard-applied")
         return sel, info
 
-    def _guard_losses(self, ratio: float, windows: torch.Tensor, budget: int) -> dict:
+    def _alternative(self, alt: str, ratio: float) -> None:
+        """Write the masks of allocation ``alt`` as the candidate mask set ``keep-<alt>``."""
+        self._segs = segs = self.segments()
+        _, store_keep = self.keep_writer(kind=f"keep-{alt}")
+        if alt == "block":
+            self._select_blocks(ratio, store_keep)
+            return
+        for k, h in enumerate(self.ctx.linears):
+            store_keep(k, greedy_fill(self.load_key(k), _costs(segs[k]), int((1.0 - ratio) * h.numel)))
+
+    def _guard_losses(self, ratio: float, windows: torch.Tensor, against: tuple[str, ...]) -> dict:
         from capllm.allocate.guard import masked_loss
 
         ctx, store = self.ctx, self.store
+        losses = {}
         with ctx.timer.stage("guard"):
-            segs = self.segments()
-            for k, h in enumerate(ctx.linears):
-                store.save_keep(h.name, greedy_fill(self.load_key(k), _costs(segs[k]), int((1.0 - ratio) * h.numel)), kind="keep-uniform")
-            loss_global = masked_loss(ctx, self.decision, windows)
-            loss_uniform = masked_loss(ctx, lambda n: self.decision(n, kind="keep-uniform"), windows)
-        info = {"against": "uniform", "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "loss_global": loss_global,
-                "loss_uniform": loss_uniform, "chosen": "uniform" if loss_uniform < loss_global else "global",
+            losses["global"] = masked_loss(ctx, self.decision, windows)
+            for alt in against:
+                self._alternative(alt, ratio)
+                losses[alt] = masked_loss(ctx, lambda n, alt=alt: self.decision(n, kind=f"keep-{alt}"), windows)
+        chosen = min(losses, key=lambda k: (losses[k], k != "global"))  # a tie keeps the global allocation
+        info = {"against": list(against), "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "losses": losses,
+                **{f"loss_{k}": v for k, v in losses.items()}, "chosen": chosen,
                 "measured_on": "held-out calibration windows, Stage 1 values before the refit"}
         store.finish_stage("guard", info)
         return info
 
-    def _apply_uniform(self, budget: int) -> dict:
-        self._segs = segs = self.segments()
+    def _apply_alternative(self, alt: str, budget: int) -> dict:
+        self._segs = self.segments()
         rows, store_keep = self.keep_writer()
         for k, h in enumerate(self.ctx.linears):
-            store_keep(k, self.store.keep(h.name, kind="keep-uniform"))
-        out = self._finish_select({"guard": "uniform split chosen"}, rows, budget)
+            store_keep(k, self.store.keep(h.name, kind=f"keep-{alt}"))
+        out = self._finish_select({"guard": f"{alt} allocation chosen"}, rows, budget)
         self.store.finish_stage("guard-applied", out)
         return out
 

@@ -15,6 +15,13 @@ Importance of a candidate = the energy it contributes to its layer's output, to 
   Wanda's per-row comparison does by construction);
 * ``constant``: every candidate equally important.
 
+``entry_score="obs"`` (our addition) values a sparse entry by what its removal costs when the
+other weights of its row compensate, as the OBS refit then does: ``A_jj`` becomes
+``1 / [A⁻¹]_jj`` (:func:`capllm.solvers.obs.obs_entry_gain`), so entry ``½ S_ij² G_ii / [A⁻¹]_jj``
+(``fisher``), ``S_ij² / [A⁻¹]_jj`` (``activation``). The K-FAC form ``A_jj`` prices each removal as
+if nothing moved, which over-prices inputs that others can stand in for — by a factor that
+differs from layer to layer, which a global ranking then reads as importance.
+
 ``normalize="matrix"`` divides each matrix's importances by their sum, so every layer's scores
 are fractions of its own output energy (otherwise layers with large activations dominate the
 global ranking). The initial keep-probability is a soft knapsack on value per parameter:
@@ -50,11 +57,12 @@ def reduce_gram(C: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def matrix_importance(p, kind: str, vcv: torch.Tensor | None = None, adiag: torch.Tensor | None = None,
-                      G: torch.Tensor | None = None, normalize: str = "matrix") -> torch.Tensor:
+                      G: torch.Tensor | None = None, normalize: str = "matrix", entry_gain: torch.Tensor | None = None) -> torch.Tensor:
     """Importance (fp32, ≥ 0) of one :class:`~capllm.allocate.pools.MatrixPool`'s candidates.
 
     ``vcv = (v_iᵀ A v_i)_i`` and ``adiag = diag A`` come from :func:`reduce_gram` of the layer's
-    input second moment ``A``; ``G = E[g²]`` of its output gradients (``fisher``).
+    input second moment ``A``; ``G = E[g²]`` of its output gradients (``fisher``). ``entry_gain``
+    (``(n,)``, e.g. ``1 / [A⁻¹]_jj``) replaces ``diag A`` for the sparse entries (module docstring).
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind {kind!r}")
@@ -68,7 +76,7 @@ def matrix_importance(p, kind: str, vcv: torch.Tensor | None = None, adiag: torc
             raise ValueError(f"activation scores need the input statistics of {p.name}")
         sig2 = sig2 * vcv.double().clamp_min(0)
         sup = p.support()
-        vals2 = vals2 * adiag.double()[sup % p.shape[1]]
+        vals2 = vals2 * (adiag if entry_gain is None else entry_gain).double()[sup % p.shape[1]]
         if kind == "fisher":
             if G is None:
                 raise ValueError(f"fisher scores need the output-gradient statistics of {p.name}")

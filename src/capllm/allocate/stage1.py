@@ -9,7 +9,8 @@ For each decoder block, on the inputs the *dense* model gives it (a statistics-o
    ``$CAPLLM_CACHE/stage1/<model and options fingerprint>``, or a ``capllm decompose`` output given
    as ``stage1_dir``;
 3. keep of ``A`` only what the scores need — ``diag A`` and ``v_kᵀ A v_k`` for each Stage 1
-   direction (:func:`capllm.allocate.scores.reduce_gram`) — in the run's
+   direction (:func:`capllm.allocate.scores.reduce_gram`), and ``1 / [A⁻¹]_jj`` for the ``obs``
+   entry score (:func:`capllm.solvers.obs.obs_entry_gain`) — in the run's
    :class:`~capllm.allocate.store.CapStore`, and drop ``A``;
 4. for the ``fisher`` score, write the block's inputs to the store for the block-wise backward
    pass (:mod:`capllm.engine.backward`).
@@ -32,6 +33,7 @@ from capllm.allocate.scores import reduce_gram
 from capllm.allocate.store import CapStore
 from capllm.engine.stats import InputStats
 from capllm.models.layers import find_decoder_blocks
+from capllm.solvers.obs import obs_entry_gain
 from capllm.utils import cache_dir
 
 
@@ -100,9 +102,10 @@ class Stage1Pass:
     modifies_weights = False
     distributed_finish = True  # several processes: statistics reduced by the engine; rank 0 decomposes and writes
 
-    def __init__(self, o: Stage1Options, out_dir: Path, store: CapStore, full_gram: bool, keep_gram: bool, timer, progress: bool) -> None:
+    def __init__(self, o: Stage1Options, out_dir: Path, store: CapStore, full_gram: bool, keep_gram: bool, timer, progress: bool,
+                 entry_gain: bool = False) -> None:
         self.o, self.out_dir, self.store = o, out_dir, store
-        self.full, self.keep_gram = full_gram, keep_gram
+        self.full, self.keep_gram, self.entry_gain = full_gram, keep_gram, entry_gain
         self.cfg = rpca_config(o)
         self.timer, self.progress = timer, progress
 
@@ -125,11 +128,15 @@ class Stage1Pass:
         if not ctx.dist.is_main:  # the block's statistics are the same on every rank: rank 0 writes them
             ctx.dist.barrier()
             return {}
-        stats = {}
+        stats, gains = {}, []
         for h in handles:
             V = load_decomposition(self.out_dir, h.name).V
             vcv, adiag = reduce_gram(moments[h.name], V)
             stats[h.name] = {"adiag": adiag.float(), "vcv": vcv.float()}
+            if self.entry_gain:  # 1 / [A⁻¹]_jj, once per distinct input (q/k/v and gate/up share theirs)
+                same = next((g for k, g in gains if torch.equal(moments[k], moments[h.name])), None)
+                stats[h.name]["gain"] = same.clone() if same is not None else obs_entry_gain(moments[h.name]).float()
+                gains.append((h.name, stats[h.name]["gain"]))
             if self.keep_gram:
                 stats[h.name]["gram"] = moments[h.name]
         self.store.save_block_stats(index, stats)
@@ -137,14 +144,15 @@ class Stage1Pass:
         return {}
 
 
-def run_stage1(ctx, o: Stage1Options, store: CapStore, full_gram: bool, keep_inputs: bool, keep_gram: bool = False) -> Path:
-    """Statistics and Stage 1 of every block (resumable); returns the Stage 1 cache directory."""
+def run_stage1(ctx, o: Stage1Options, store: CapStore, full_gram: bool, keep_inputs: bool, keep_gram: bool = False, entry_gain: bool = False) -> Path:
+    """Statistics and Stage 1 of every block (resumable); returns the Stage 1 cache directory.
+    ``entry_gain`` also keeps ``1 / [A⁻¹]_jj`` of every linear (the ``obs`` entry score; needs ``full_gram``)."""
     from capllm.engine.layerwise import run_layerwise
 
     out = stage1_dir(ctx, o)
     if store.stage("stage1") is not None:
         return out
-    stage = Stage1Pass(o, out, store, full_gram, keep_gram, ctx.timer, ctx.progress)
+    stage = Stage1Pass(o, out, store, full_gram, keep_gram, ctx.timer, ctx.progress, entry_gain=entry_gain)
     on_inputs = None
     if keep_inputs:
         nblocks = len(find_decoder_blocks(ctx.model)[1])

@@ -56,6 +56,9 @@ class CapOptions(Stage1Options):
     score: str = "fisher"  # fisher | activation | magnitude | constant
     normalize: str = "auto"  # matrix | none | auto (none for fisher, whose scores are in loss units; else matrix)
     temperature: float = 0.5
+    # our addition: a sparse entry's value — kfac (½ S² A_jj G_ii, removal alone: the paper's
+    # first-order energy) or obs (½ S² G_ii / [A⁻¹]_jj, its row compensating, as the refit does)
+    entry_score: str = "kfac"  # kfac | obs
     # policy (paper: 3 steps, lr 0.05, moving-average baseline over 5). Measured default 0: on
     # SmolLM2-135M at 50 % three steps of 4 masks have gradient SNR ≈ 1 (noise), move 0.06 % of
     # the budget and leave perplexity unchanged (50.01 vs 49.79) for +500 s (BENCHMARKS.md)
@@ -71,12 +74,15 @@ class CapOptions(Stage1Options):
     # our addition: each matrix keeps a fraction within (1 − ρ)·[1 − spread, 1 + spread] of its
     # parameters (0 = the uniform split, inf = the paper's unconstrained global ranking)
     spread: float = float("inf")
+    # our addition: model = one ranking over every matrix (the paper); block = the ranking inside
+    # each decoder block, every block keeping (1 − ρ) of its parameters (no cross-block comparison)
+    scope: str = "model"  # model | block
     seed: int = 0
     # our addition: reconstruct the kept sparse values on the chosen support (none = the paper)
     refit: str = "obs"  # obs | none
-    # our addition: check the global allocation against the uniform split on held-out calibration
-    # windows before applying it (capllm.allocate.guard); none = always the global allocation
-    guard: str = "none"  # none | uniform
+    # our addition: check the allocation against alternatives on held-out calibration windows
+    # before applying it, keep the lowest loss (capllm.allocate.guard); none = always the selection
+    guard: str = "none"  # none | uniform | block | block+uniform
     guard_windows: int = 4
 
 
@@ -84,17 +90,30 @@ def _normalize(o) -> str:
     return ("none" if o.score == "fisher" else "matrix") if o.normalize == "auto" else o.normalize
 
 
+def _guard_against(o) -> tuple[str, ...]:
+    g = getattr(o, "guard", "none")
+    return () if g == "none" else tuple(dict.fromkeys(a.strip() for a in g.split("+") if a.strip()))
+
+
 def _check_options(o) -> None:
     if getattr(o, "score", "magnitude") not in ("fisher", "activation", "magnitude", "constant"):
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
+    if getattr(o, "entry_score", "kfac") not in ("kfac", "obs"):
+        raise CapllmError(f"cap option entry_score={o.entry_score!r}: use kfac or obs")
+    if getattr(o, "entry_score", "kfac") == "obs" and getattr(o, "score", "") not in ("fisher", "activation"):
+        raise CapllmError(f"cap option entry_score=obs needs score=fisher or activation (it reprices the input statistic), not {o.score}")
     if getattr(o, "refit", "none") not in ("obs", "none"):
         raise CapllmError(f"cap option refit={o.refit!r}: use obs or none")
     if getattr(o, "loss", "lm") not in ("lm", "recon"):
         raise CapllmError(f"cap option loss={o.loss!r}: use lm or recon")
     if getattr(o, "spread", 0.0) < 0:
         raise CapllmError(f"cap option spread={o.spread}: must be ≥ 0 (inf = unconstrained)")
-    if getattr(o, "guard", "none") not in ("none", "uniform"):
-        raise CapllmError(f"cap option guard={o.guard!r}: use none or uniform")
+    if getattr(o, "guard", "none") != "none" and (not _guard_against(o) or any(a not in ("uniform", "block") for a in _guard_against(o))):
+        raise CapllmError(f"cap option guard={o.guard!r}: use none, uniform, block or block+uniform")
+    if getattr(o, "scope", "model") not in ("model", "block"):
+        raise CapllmError(f"cap option scope={o.scope!r}: use model or block")
+    if getattr(o, "scope", "model") == "block" and getattr(o, "spread", float("inf")) != float("inf"):
+        raise CapllmError("cap options scope=block and a finite spread do not combine: choose one")
     if getattr(o, "guard", "none") != "none" and getattr(o, "guard_windows", 1) < 1:
         raise CapllmError(f"cap option guard_windows={o.guard_windows}: must be ≥ 1 with guard={o.guard}")
 
@@ -185,13 +204,13 @@ class Cap(Method):
             run.scores(o.score, _normalize(o))
             budget = run.budget(self.ratio)
             run.check_budget(budget)
-            sel = run.select(budget, self.ratio, o.spread)  # the mask of the initial scores (0 policy steps)
+            sel = run.select(budget, self.ratio, o.spread, o.scope)  # the mask of the initial scores (0 policy steps)
             policy = {"curve": [], "steps": o.steps, "candidates_changed_vs_initial_scores": 0, "kept_cost_changed_vs_initial_scores": 0}
             if o.steps > 0:
                 sel, policy = self._policy(ctx, run, budget, sel)
             guard = None
             if o.guard != "none":
-                sel, guard = run.guard(sel, self.ratio, ctx.calibration.held_out)
+                sel, guard = run.guard(sel, self.ratio, ctx.calibration.held_out, _guard_against(o))
             run.apply(o.refit)
             ctx.extra.update({"budget": sel["budget"], "pools": sel["pools"], "allocation": sel["allocation"], "policy": policy,
                               **({"selection": sel["selection"]} if sel.get("selection") else {}), **({"guard": guard} if guard else {})})

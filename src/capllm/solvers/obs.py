@@ -24,6 +24,40 @@ import torch
 from capllm.errors import CapllmError
 
 
+def damped_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(L, dead, attempt)``: the lower Cholesky factor of ``H + δ·10^attempt·I`` (``H`` float32,
+    dead inputs ``H_jj = 0`` set to 1 first), ``δ = percdamp × mean diag H``, with the smallest
+    ``attempt ≤ 5`` that makes it positive definite."""
+    H = H.clone().float()
+    n = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(H))
+    idx = torch.arange(n, device=H.device)
+    for attempt in range(6):
+        Hd = H.clone()
+        Hd[idx, idx] += damp * (10**attempt)
+        L, bad = torch.linalg.cholesky_ex(Hd)
+        if bad == 0:
+            return L, dead, attempt
+    raise CapllmError("SparseGPT: the Hessian is not positive definite even with 1e5× damping; the calibration inputs are degenerate")
+
+
+def obs_entry_gain(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """``1 / [H⁻¹]_jj`` (float32, ``(n,)``) of the damped ``H = E[x xᵀ]``; 0 for dead inputs.
+
+    The OBS cost of removing one weight ``w_ij`` while every other weight of row ``i`` moves to
+    compensate (LeCun et al. 1990; Hassibi & Stork 1993) is ``½ w_ij² / [H⁻¹]_jj`` on the row's
+    output error ``E[(Δw_i x)²]`` — against ``½ w_ij² H_jj`` when nothing compensates. Since
+    ``[H⁻¹]_jj ≥ 1 / H_jj``, the gain is ``≤ H_jj``, equal for an input uncorrelated with the others:
+    an input the others can stand in for costs little to drop. This is the value CAP's OBS refit
+    realises on the support it is given (one removal at a time, cross terms ignored)."""
+    L, dead, _ = damped_cholesky(H, percdamp)
+    gain = 1.0 / torch.cholesky_inverse(L).diagonal()
+    gain[dead] = 0
+    return gain
+
+
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structure=None, blocksize: int = 128, percdamp: float = 0.01, keep_mask: torch.Tensor | None = None):
     """Return ``(pruned W, keep mask, info)``; ``H`` is ``E[x xᵀ]`` (n × n).
 
@@ -34,21 +68,9 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structu
     ignored): the OBS updates reconstruct the kept weights for that given mask — CAP's refit.
     """
     W = weight.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    H = H.clone().float()
     m, n = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    L, dead, attempt = damped_cholesky(H, percdamp)
     W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
-    idx = torch.arange(n, device=W.device)
-    for attempt in range(6):
-        Hd = H.clone()
-        Hd[idx, idx] += damp * (10**attempt)
-        L, bad = torch.linalg.cholesky_ex(Hd)
-        if bad == 0:
-            break
-    else:
-        raise CapllmError("SparseGPT: the Hessian is not positive definite even with 1e5× damping; the calibration inputs are degenerate")
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
     keep = torch.ones_like(W, dtype=torch.bool)
