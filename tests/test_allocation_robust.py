@@ -131,9 +131,51 @@ def test_obs_scores_and_the_guard_run_on_every_architecture(arch, tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [({"entry_score": "x"}, "entry_score"), ({"entry_score": "obs", "score": "magnitude"}, "entry_score=obs"),
-                                        ({"guard": "block+x"}, "guard"), ({"scope": "layer"}, "scope"), ({"scope": "block", "spread": "0.2"}, "scope=block")])
+                                        ({"guard": "block+x"}, "guard"), ({"scope": "layer"}, "scope"), ({"scope": "block", "spread": "0.2"}, "scope=block"),
+                                        ({"refit_iters": "-1"}, "refit_iters"), ({"refit_iters": "5", "refit": "none"}, "refit_iters")])
 def test_bad_allocation_options_are_one_line_errors(bad, match):
     from capllm.errors import CapllmError
 
     with pytest.raises(CapllmError, match=match):
         get_method("cap")(0.5, None, {**OPTS, **bad}).compress_model(_ctx_held(tiny_model("llama", seed=1)))
+
+
+def test_support_cg_reaches_the_exact_least_squares_optimum_of_every_row():
+    """Against a direct solve of H_SS w_S = (H r)_S per row (damped H); the objective never rises
+    along the way, and 0 steps return the start."""
+    from capllm.solvers.obs import sparsegpt_prune
+    from capllm.solvers.support_lstsq import refine_on_support, support_objective
+
+    g = torch.Generator().manual_seed(2)
+    m, n, N = 12, 40, 400
+    X = torch.randn(N, n, generator=g) @ torch.randn(n, n, generator=g) * torch.logspace(-1, 1, n)  # correlated, uneven scales
+    H = X.t() @ X / N
+    R = torch.randn(m, n, generator=g)
+    mask = torch.rand(m, n, generator=g) < 0.5
+    W0, keep, _ = sparsegpt_prune(R, H, 0.0, keep_mask=mask)
+    W0 = W0 * keep
+    Hd = H.double() + 0.01 * H.diagonal().mean().double() * torch.eye(n, dtype=torch.float64)
+    want = torch.zeros(m, n, dtype=torch.float64)
+    for i in range(m):
+        S = mask[i].nonzero().squeeze(1)
+        want[i, S] = torch.linalg.solve(Hd[S][:, S], (Hd @ R[i].double())[S])
+    assert torch.equal(refine_on_support(W0, R, H, mask, 0), W0)
+    prev = support_objective(W0, R, Hd)
+    for iters in (2, 5, 10):
+        Wk = refine_on_support(W0, R, H, mask, iters)
+        obj = support_objective(Wk, R, Hd)
+        assert (obj <= prev * (1 + 1e-5)).all() and not bool(Wk[~mask].any())
+        prev = obj
+    Wk = refine_on_support(W0, R, H, mask, 200)
+    torch.testing.assert_close(Wk.double(), want, rtol=1e-3, atol=1e-4)
+    opt = support_objective(want, R, Hd)
+    assert float(support_objective(W0, R, Hd).sum()) > 1.01 * float(opt.sum())  # the OBS pass alone is not optimal here
+
+
+def test_cap_refit_iters_lowers_every_layers_output_error():
+    model = tiny_model("llama", seed=4)
+    ctx = _ctx_held(model)
+    get_method("cap")(0.5, None, {**OPTS, "refit_iters": "10"}).compress_model(ctx)
+    infos = [r.info for r in ctx.records.values() if r.info.get("refit", "").startswith("obs+cg")]
+    assert infos and all(i["output_error_cg"] <= i["output_error_obs"] * (1 + 1e-6) for i in infos)
+    assert sum(i["output_error_cg"] for i in infos) < sum(i["output_error_obs"] for i in infos)

@@ -5,7 +5,9 @@ Stage 1 values, so nothing compensates for what was removed. The refit keeps the
 and the chosen low-rank factors ``U'V'ᵀ`` and re-solves the sparse values so that the layer
 output error ``‖(W − U'V'ᵀ − S) X‖`` is small: SparseGPT's OBS reconstruction
 (:func:`capllm.solvers.obs.sparsegpt_prune` with the support fixed) on the residual
-``W − U'V'ᵀ``. It runs through the layer-wise engine, so each block is refitted on the inputs
+``W − U'V'ᵀ``, optionally followed by ``refit_iters`` conjugate-gradient steps to the exact
+least-squares optimum on that support (:func:`capllm.solvers.support_lstsq.refine_on_support`;
+the sequential OBS pass never lets an earlier kept weight compensate for a later removal). It runs through the layer-wise engine, so each block is refitted on the inputs
 produced by the already compressed blocks before it — exactly SparseGPT's sequential setting.
 The kept-parameter count does not change.
 """
@@ -21,6 +23,7 @@ from capllm.engine.layerwise import run_layerwise
 from capllm.engine.stats import InputStats
 from capllm.engine.compressed import CompressedWeight
 from capllm.solvers.obs import sparsegpt_prune
+from capllm.solvers.support_lstsq import refine_on_support, support_objective
 
 
 @dataclass
@@ -34,9 +37,9 @@ class Decision:
 
 
 class _RefitCompressor:
-    def __init__(self, n_in: int, device, decision: Decision, blocksize: int, percdamp: float) -> None:
+    def __init__(self, n_in: int, device, decision: Decision, blocksize: int, percdamp: float, iters: int = 0) -> None:
         self.stats = InputStats(n_in, device, sq=False, gram=True)
-        self.d, self.blocksize, self.percdamp = decision, blocksize, percdamp
+        self.d, self.blocksize, self.percdamp, self.iters = decision, blocksize, percdamp, iters
 
     def add_batch(self, inp, out) -> None:
         self.stats.add_batch(inp)
@@ -47,13 +50,19 @@ class _RefitCompressor:
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         d = self.d
         R = weight if d.U is None else weight - d.U.to(weight) @ d.V.to(weight).t()
-        S = None
+        S, info = None, {"refit": "obs"}
         if bool(d.mask.any()):
             S, keep, _ = sparsegpt_prune(R, self.stats.gram, 0.0, blocksize=self.blocksize, percdamp=self.percdamp, keep_mask=d.mask)
             S = S * keep
+            if self.iters > 0:
+                mask = d.mask.to(S.device)
+                before = float(support_objective(S, R, self.stats.gram).sum())
+                S = refine_on_support(S, R, self.stats.gram, mask, self.iters, self.percdamp).to(S.dtype)
+                after = float(support_objective(S, R, self.stats.gram).sum())
+                info = {"refit": f"obs+cg{self.iters}", "output_error_obs": before, "output_error_cg": after}
         elif d.U is None:  # the allocation kept nothing of this matrix
             S = torch.zeros_like(weight)
-        return CompressedWeight(S=S, mask=d.mask if S is not None else None, U=d.U, V=d.V, info={"refit": "obs"})
+        return CompressedWeight(S=S, mask=d.mask if S is not None else None, U=d.U, V=d.V, info=info)
 
     def free(self) -> None:
         self.stats.free()
@@ -69,18 +78,19 @@ class _RefitPass:
     name = "cap-refit"
     needs_calibration = True
 
-    def __init__(self, decide: Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01) -> None:
-        self.decide, self.blocksize, self.percdamp = decide, blocksize, percdamp
+    def __init__(self, decide: Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0) -> None:
+        self.decide, self.blocksize, self.percdamp, self.iters = decide, blocksize, percdamp, iters
 
     def layer_compressor(self, handle):
-        return _RefitCompressor(handle.shape[1], handle.module.weight.device, self.decide(handle.name), self.blocksize, self.percdamp)
+        return _RefitCompressor(handle.shape[1], handle.module.weight.device, self.decide(handle.name), self.blocksize, self.percdamp, self.iters)
 
 
-def refit_layerwise(ctx, decisions: dict[str, Decision] | Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01) -> None:
+def refit_layerwise(ctx, decisions: dict[str, Decision] | Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0) -> None:
     """Apply ``decisions`` (a dict, or a function of the linear's name) to ``ctx.model`` block by
-    block with OBS-refitted sparse values; resumable through the run's work directory.
+    block with OBS-refitted sparse values (and ``iters`` CG steps towards the exact optimum on
+    the support); resumable through the run's work directory.
 
     The model's linear weights must hold the original dense ``W`` when this is called.
     """
     decide = decisions.__getitem__ if isinstance(decisions, dict) else decisions
-    run_layerwise(ctx, _RefitPass(decide, blocksize, percdamp), checkpoint=ctx.checkpoint("cap-refit"), desc="CAP refit: blocks")
+    run_layerwise(ctx, _RefitPass(decide, blocksize, percdamp, iters), checkpoint=ctx.checkpoint("cap-refit"), desc="CAP refit: blocks")

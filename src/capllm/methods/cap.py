@@ -80,6 +80,9 @@ class CapOptions(Stage1Options):
     seed: int = 0
     # our addition: reconstruct the kept sparse values on the chosen support (none = the paper)
     refit: str = "obs"  # obs | none
+    # our addition: conjugate-gradient steps from the OBS values to the exact least-squares optimum
+    # on the chosen support (capllm.solvers.support_lstsq); 0 = the OBS pass alone
+    refit_iters: int = 0
     # our addition: check the allocation against alternatives on held-out calibration windows
     # before applying it, keep the lowest loss (capllm.allocate.guard); none = always the selection
     guard: str = "none"  # none | uniform | block | block+uniform
@@ -98,6 +101,8 @@ def _guard_against(o) -> tuple[str, ...]:
 def _check_options(o) -> None:
     if getattr(o, "score", "magnitude") not in ("fisher", "activation", "magnitude", "constant"):
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
+    if getattr(o, "refit_iters", 0) < 0 or (getattr(o, "refit_iters", 0) > 0 and getattr(o, "refit", "none") != "obs"):
+        raise CapllmError(f"cap option refit_iters={o.refit_iters}: must be ≥ 0, and needs refit=obs")
     if getattr(o, "entry_score", "kfac") not in ("kfac", "obs"):
         raise CapllmError(f"cap option entry_score={o.entry_score!r}: use kfac or obs")
     if getattr(o, "entry_score", "kfac") == "obs" and getattr(o, "score", "") not in ("fisher", "activation"):
@@ -211,7 +216,7 @@ class Cap(Method):
             guard = None
             if o.guard != "none":
                 sel, guard = run.guard(sel, self.ratio, ctx.calibration.held_out, _guard_against(o))
-            run.apply(o.refit)
+            run.apply(o.refit, o.refit_iters)
             ctx.extra.update({"budget": sel["budget"], "pools": sel["pools"], "allocation": sel["allocation"], "policy": policy,
                               **({"selection": sel["selection"]} if sel.get("selection") else {}), **({"guard": guard} if guard else {})})
 
@@ -302,7 +307,7 @@ class CapUniform(Method):
             run.scores(o.score, _normalize(o))
             with ctx.timer.stage("stage2_final"):
                 sel = run.select_per_matrix(self.ratio)
-            run.apply(o.refit)
+            run.apply(o.refit, o.refit_iters)
             ctx.extra.update({"budget": {"target": sel["budget"]["target"], "achieved": sel["budget"]["achieved"]}, "pools": sel["pools"],
                               "allocation": sel["allocation"]})
 
