@@ -179,3 +179,16 @@ def test_cap_refit_iters_lowers_every_layers_output_error():
     infos = [r.info for r in ctx.records.values() if r.info.get("refit", "").startswith("obs+cg")]
     assert infos and all(i["output_error_cg"] <= i["output_error_obs"] * (1 + 1e-6) for i in infos)
     assert sum(i["output_error_cg"] for i in infos) < sum(i["output_error_obs"] for i in infos)
+
+
+def test_sparsegpt_cg_iters_keeps_the_mask_and_lowers_the_output_error():
+    from conftest import random_layer, run_layer_compressor
+    from capllm.solvers.support_lstsq import support_objective
+
+    W, X = random_layer(m=16, n=48, seed=3)
+    H = (X.t() @ X / X.shape[0]).double()
+    Hd = H + 0.01 * H.diagonal().mean() * torch.eye(48, dtype=torch.float64)
+    out = {k: run_layer_compressor("sparsegpt", W, X, cg_iters=k) for k in ("0", "20")}
+    assert torch.equal(out["0"].mask, out["20"].mask)
+    e0, e1 = (float(support_objective(out[k].S, W, Hd).sum()) for k in ("0", "20"))
+    assert e1 < e0

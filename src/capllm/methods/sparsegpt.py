@@ -3,6 +3,11 @@
 The solve itself — damping, the blocked column sweep, the per-block mask and the OBS update — is
 :func:`capllm.solvers.obs.sparsegpt_prune`, documented there; this file is the method around it:
 the input statistics it needs (``E[x xᵀ]``) and its options.
+
+``cg_iters > 0`` (our addition, off by default: the paper's method is 0) follows the pass with
+conjugate-gradient steps to the exact least-squares values on the support it chose
+(:func:`capllm.solvers.support_lstsq.refine_on_support`) — the same step CAP's refit can take
+(``refit_iters``), so the two can be compared with and without it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from capllm.methods.base import CompressedWeight, Method, StatsCompressor, register
+from capllm.errors import CapllmError
 from capllm.solvers.obs import sparsegpt_prune
+from capllm.solvers.support_lstsq import refine_on_support
 
 
 class _SparseGPTCompressor(StatsCompressor):
@@ -21,6 +28,11 @@ class _SparseGPTCompressor(StatsCompressor):
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         o = self.method.options
         W, keep, info = sparsegpt_prune(weight, self.stats.gram, self.method.ratio, self.method.structure, o.blocksize, o.percdamp)
+        if o.cg_iters < 0:
+            raise CapllmError(f"sparsegpt option cg_iters={o.cg_iters}: must be ≥ 0")
+        if o.cg_iters:
+            W = refine_on_support(W * keep, weight, self.stats.gram, keep, o.cg_iters, o.percdamp)
+            info = {**info, "cg_iters": o.cg_iters}
         return CompressedWeight(S=W.to(weight.dtype) * keep, mask=keep, info=info)
 
 
@@ -34,6 +46,7 @@ class SparseGPT(Method):
     class Options:
         blocksize: int = 128
         percdamp: float = 0.01
+        cg_iters: int = 0
 
     def layer_compressor(self, handle):
         return _SparseGPTCompressor(handle.shape[1], handle.module.weight.device, self)
