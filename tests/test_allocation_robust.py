@@ -122,8 +122,11 @@ def test_obs_scores_and_the_guard_run_on_every_architecture(arch, tmp_path):
     model = make_model(arch, seed=4)
     ctx = _ctx_held(model)
     ctx.calibration.windows.clamp_(max=model.config.vocab_size - 1)
-    get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), "entry_score": "obs", "guard": "block+uniform", "guard_windows": "3"}).compress_model(ctx)
+    get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), "entry_score": "obs", "guard": "block+uniform", "guard_windows": "3",
+                                "calibrate": "block"}).compress_model(ctx)
     b, g = ctx.extra["budget"], ctx.extra["guard"]
+    cal = ctx.extra["calibration"]
+    assert len(cal["factors"]) == model.config.num_hidden_layers and all(f > 0 for f in cal["factors"].values())
     assert b["achieved"] <= b["target"] and sum(r.kept_params for r in ctx.records.values()) == b["achieved"]
     assert set(g["losses"]) == {"global", "block", "uniform"} and g["chosen"] == min(g["losses"], key=g["losses"].get)
     with torch.no_grad():
@@ -132,7 +135,7 @@ def test_obs_scores_and_the_guard_run_on_every_architecture(arch, tmp_path):
 
 @pytest.mark.parametrize("bad, match", [({"entry_score": "x"}, "entry_score"), ({"entry_score": "obs", "score": "magnitude"}, "entry_score=obs"),
                                         ({"guard": "block+x"}, "guard"), ({"scope": "layer"}, "scope"), ({"scope": "block", "spread": "0.2"}, "scope=block"),
-                                        ({"refit_iters": "-1"}, "refit_iters"), ({"refit_iters": "5", "refit": "none"}, "refit_iters")])
+                                        ({"refit_iters": "-1"}, "refit_iters"), ({"calibrate": "matrix"}, "calibrate"), ({"refit_iters": "5", "refit": "none"}, "refit_iters")])
 def test_bad_allocation_options_are_one_line_errors(bad, match):
     from capllm.errors import CapllmError
 
@@ -192,3 +195,70 @@ def test_sparsegpt_cg_iters_keeps_the_mask_and_lowers_the_output_error():
     assert torch.equal(out["0"].mask, out["20"].mask)
     e0, e1 = (float(support_objective(out[k].S, W, Hd).sum()) for k in ("0", "20"))
     assert e1 < e0
+
+
+def test_masked_loss_substitutes_only_the_given_blocks(tmp_path):
+    import copy
+
+    import torch.nn.functional as F
+
+    from capllm.allocate.guard import _dense, masked_loss
+    from capllm.allocate.run import CapRun, open_store
+
+    model = tiny_model("llama", seed=5)
+    ctx = _ctx_held(model)
+    o = get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1")}).options
+    w = ctx.calibration.held_out
+
+    def loss_of(m):
+        with torch.no_grad():
+            logits = m(w).logits[:, :-1].float()
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)))
+
+    with open_store(ctx) as store:
+        run = CapRun(ctx, o, store)
+        run.stage1(); run.fisher(); run.scores("fisher", "none")
+        run.select(run.budget(0.5), 0.5, float("inf"))
+        assert masked_loss(ctx, run.decision, w, blocks=set()) == pytest.approx(loss_of(model), rel=1e-5)
+        ref = copy.deepcopy(model)
+        for h in ctx.linears:
+            if h.block_index == 1:
+                ref.get_submodule(h.name).weight.data = _dense(run.decision(h.name), h.shape)
+        assert masked_loss(ctx, run.decision, w, blocks={1}) == pytest.approx(loss_of(ref), rel=1e-5)
+
+
+def test_block_calibration_scales_each_blocks_keys_by_measured_over_predicted(tmp_path, monkeypatch):
+    """Planted measurements: block 1's damage is 50× what its scores predict and block 0's is as
+    predicted, so after calibration block 1 keeps more of the budget than before; the factors are
+    M_b / P_b with P_b the summed key × cost of what the uniform split removes."""
+    from capllm.allocate import guard as guard_mod
+    from capllm.allocate.run import CapRun, open_store
+
+    def shares(calibrate):
+        model = tiny_model("llama", seed=6)
+        ctx = _ctx_held(model)
+        o = get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), "calibrate": calibrate}).options
+        with open_store(ctx) as store:
+            run = CapRun(ctx, o, store)
+            run.stage1(); run.fisher(); run.scores("fisher", "none")
+            segs = run.segments()
+            pred = {0: 0.0, 1: 0.0}
+            for k, h in enumerate(ctx.linears):
+                key = store.key(h.name)
+                c = segs[k].cost().double()
+                keep = greedy_fill(key, segs[k].cost().float(), int(0.5 * h.numel))
+                pred[h.block_index] += float((key.double() * c)[~keep].sum())
+            info = None
+            if calibrate == "block":
+                monkeypatch.setattr(guard_mod, "masked_loss", lambda ctx, decide, windows, blocks=None: 1.0 + (0 if not blocks else (pred[0] if blocks == {0} else 50 * pred[1])))
+                info = run.calibrate(0.5, ctx.calibration.held_out)
+            sel = run.select(run.budget(0.5), 0.5, float("inf"))
+            kept = {0: 0, 1: 0}
+            for a, h in zip(sel["allocation"], ctx.linears):
+                kept[h.block_index] += a["kept_params"]
+            return kept, info, pred
+
+    before, _, _ = shares("none")
+    after, info, pred = shares("block")
+    assert info["factors"]["0"] == pytest.approx(1.0, rel=1e-5) and info["factors"]["1"] == pytest.approx(50.0, rel=1e-5)
+    assert after[1] > before[1] and after[0] < before[0]

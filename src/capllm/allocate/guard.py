@@ -39,13 +39,15 @@ def _dense(d: Decision, shape: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def masked_loss(ctx, decide: Callable[[str], Decision], windows: torch.Tensor) -> float:
-    """Mean next-token NLL of ``windows`` with every linear at its decision's ``W̃`` (module docstring)."""
+def masked_loss(ctx, decide: Callable[[str], Decision], windows: torch.Tensor, blocks: set[int] | None = None) -> float:
+    """Mean next-token NLL of ``windows`` with every linear at its decision's ``W̃`` (module docstring);
+    with ``blocks``, only the linears of those decoder blocks (the others keep their weights)."""
     from capllm.eval.perplexity import blockwise_window_nll
 
     by_block: dict[int, list] = {}
     for h in ctx.linears:
-        by_block.setdefault(h.block_index, []).append(h)
+        if blocks is None or h.block_index in blocks:
+            by_block.setdefault(h.block_index, []).append(h)
 
     @contextlib.contextmanager
     def substituted(i, block):

@@ -194,7 +194,56 @@ class CapRun:
             raise CapllmError(f"the Stage 1 pools cost {pool_cost:,} ≤ budget {budget:,}: nothing to choose; use a higher --ratio or a larger --option lam_scale")
 
     def load_key(self, k: int) -> torch.Tensor:
-        return self.store.key(self.ctx.linears[k].name)
+        key = self.store.key(self.ctx.linears[k].name)
+        scale = getattr(self, "_block_scale", None)
+        return key if scale is None else key * scale[self.ctx.linears[k].block_index]
+
+    # --- per-block calibration of the scores --------------------------------------------------------
+    def calibrate(self, ratio: float, windows: torch.Tensor | None) -> dict:
+        """Rescale every block's keys so that its scores predict the loss they stand for.
+
+        The scores are second-order estimates of the loss increase of removing each candidate,
+        summed as if independent; a global ranking compares them across blocks, which is only
+        fair if the estimate is equally good everywhere. For each block ``b``: the uniform split
+        (every matrix ``⌊(1 − ρ) m n⌋``, its own ranking) removes a set ``R_b`` whose predicted
+        cost is ``P_b = Σ_{k ∈ R_b} key_k c_k``; the measured cost is ``M_b = ℓ(block b at W̃) − ℓ(dense)``
+        on the held-out windows (every other block dense; :func:`capllm.allocate.guard.masked_loss`).
+        Every key of block ``b`` is multiplied by ``M_b / P_b`` (``M_b`` floored at 1 % of the mean
+        ``M``): the factors are the diagnosis (≫ 1: a block whose scores under-state its damage).
+        Within a block the ranking is unchanged. Resumable (the factors are recorded, keys are not rewritten)."""
+        if windows is None or len(windows) == 0:
+            raise CapllmError("cap option calibrate=block needs held-out calibration windows (guard_windows ≥ 1)")
+        info = self.store.stage("calibrate") or self._on_main(lambda: self._calibrate(ratio, windows), "calibrate")
+        self._block_scale = {int(b): float(f) for b, f in info["factors"].items()}
+        return info
+
+    def _calibrate(self, ratio: float, windows: torch.Tensor) -> dict:
+        from tqdm.auto import tqdm
+
+        from capllm.allocate.guard import masked_loss
+
+        ctx = self.ctx
+        with ctx.timer.stage("calibrate"):
+            self._segs = segs = self.segments()
+            _, store_keep = self.keep_writer(kind="keep-uniform")
+            predicted: dict[int, float] = {}
+            for k, h in enumerate(ctx.linears):
+                key, cost = self.store.key(h.name), _costs(segs[k])
+                keep = greedy_fill(key, cost, int((1.0 - ratio) * h.numel))
+                store_keep(k, keep)
+                predicted[h.block_index] = predicted.get(h.block_index, 0.0) + float((key.double() * cost.double())[~keep].sum())
+            dense = masked_loss(ctx, self.decision, windows, blocks=set())
+            measured = {}
+            for b in tqdm(sorted(predicted), desc="CAP calibration: blocks", unit="block", disable=not ctx.progress):
+                measured[b] = masked_loss(ctx, lambda n: self.decision(n, kind="keep-uniform"), windows, blocks={b}) - dense
+        floor = 0.01 * max(1e-12, sum(max(v, 0.0) for v in measured.values()) / len(measured))
+        factors = {b: max(measured[b], floor) / max(predicted[b], 1e-30) for b in predicted}
+        info = {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "dense_loss": dense,
+                "measured": {str(b): v for b, v in measured.items()}, "predicted": {str(b): v for b, v in predicted.items()},
+                "factors": {str(b): v for b, v in factors.items()},
+                "measured_on": "held-out calibration windows; one block at a time at the uniform split, Stage 1 values before the refit"}
+        self.store.finish_stage("calibrate", info)
+        return info
 
     def keep_writer(self, kind: str = "keep"):
         rows = {}

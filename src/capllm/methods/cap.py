@@ -87,6 +87,9 @@ class CapOptions(Stage1Options):
     # before applying it, keep the lowest loss (capllm.allocate.guard); none = always the selection
     guard: str = "none"  # none | uniform | block | block+uniform
     guard_windows: int = 4
+    # our addition: rescale each block's scores by the loss they predict vs the loss measured on
+    # the held-out windows (CapRun.calibrate); none = the scores as they are
+    calibrate: str = "none"  # none | block
 
 
 def _normalize(o) -> str:
@@ -119,7 +122,9 @@ def _check_options(o) -> None:
         raise CapllmError(f"cap option scope={o.scope!r}: use model or block")
     if getattr(o, "scope", "model") == "block" and getattr(o, "spread", float("inf")) != float("inf"):
         raise CapllmError("cap options scope=block and a finite spread do not combine: choose one")
-    if getattr(o, "guard", "none") != "none" and getattr(o, "guard_windows", 1) < 1:
+    if getattr(o, "calibrate", "none") not in ("none", "block"):
+        raise CapllmError(f"cap option calibrate={o.calibrate!r}: use none or block")
+    if (getattr(o, "guard", "none") != "none" or getattr(o, "calibrate", "none") != "none") and getattr(o, "guard_windows", 1) < 1:
         raise CapllmError(f"cap option guard_windows={o.guard_windows}: must be ≥ 1 with guard={o.guard}")
 
 
@@ -193,7 +198,8 @@ class Cap(Method):
     @property
     def held_out_windows(self) -> int:
         """Calibration windows kept out of every statistic, for the allocation guard."""
-        return self.options.guard_windows if self.options.guard != "none" else 0
+        o = self.options
+        return o.guard_windows if (o.guard != "none" or o.calibrate != "none") else 0
 
     def compress_model(self, ctx) -> None:
         o = self.options
@@ -209,6 +215,7 @@ class Cap(Method):
             run.scores(o.score, _normalize(o))
             budget = run.budget(self.ratio)
             run.check_budget(budget)
+            calibration = run.calibrate(self.ratio, ctx.calibration.held_out) if o.calibrate == "block" else None
             sel = run.select(budget, self.ratio, o.spread, o.scope)  # the mask of the initial scores (0 policy steps)
             policy = {"curve": [], "steps": o.steps, "candidates_changed_vs_initial_scores": 0, "kept_cost_changed_vs_initial_scores": 0}
             if o.steps > 0:
@@ -218,7 +225,8 @@ class Cap(Method):
                 sel, guard = run.guard(sel, self.ratio, ctx.calibration.held_out, _guard_against(o))
             run.apply(o.refit, o.refit_iters)
             ctx.extra.update({"budget": sel["budget"], "pools": sel["pools"], "allocation": sel["allocation"], "policy": policy,
-                              **({"selection": sel["selection"]} if sel.get("selection") else {}), **({"guard": guard} if guard else {})})
+                              **({"selection": sel["selection"]} if sel.get("selection") else {}), **({"guard": guard} if guard else {}),
+                              **({"calibration": calibration} if calibration else {})})
 
     def _policy(self, ctx, run: CapRun, budget: int, sel: dict):
         """REINFORCE over every candidate (whole-model vectors in memory: small models only)."""
