@@ -1,0 +1,96 @@
+"""CAP quality (issue 13): an ablation table from ``capllm compress`` result JSONs.
+
+Each row is one cell: model, method, the options that differ from the method's defaults,
+perplexity, its ratio to the reference method's cell of the same model, ratio and protocol
+(``--reference``, default ``sparsegpt``), compression time, the share of the budget spent on
+singular directions (``Σ r (m + n) / kept``), and for CAP what the allocation safety did (the
+guard's held-out losses and choice, the per-block calibration factors). Cells of different
+protocols (dataset, windows, seqlen, calibration) are never compared: the reference must match.
+
+    python benchmarks/quality.py benchmarks/results/quality/*/*.json --out benchmarks/results/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+
+def defaults(method: str) -> dict:
+    from capllm.methods.base import get_method
+
+    opts = get_method(method).Options
+    return {f.name: f.default for f in fields(opts)} if opts is not None else {}
+
+
+def protocol(r: dict) -> tuple:
+    p, c = r.get("perplexity", {}), r.get("calibration") or {}
+    return (r["model"]["name"], r.get("ratio"), p.get("dataset"), p.get("split"), p.get("seqlen"), p.get("windows"),
+            c.get("dataset"), c.get("nsamples"), c.get("seqlen"), c.get("seed"))
+
+
+def changed(r: dict) -> str:
+    try:
+        base = defaults(r["method"])
+    except Exception:  # a method this checkout does not know
+        base = {}
+    opts = r.get("method_options") or {}
+    diff = {k: v for k, v in opts.items() if k in base and base[k] != v and k != "stage1_dir"}
+    return ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) or "defaults"
+
+
+def lowrank_share(r: dict) -> float | None:
+    mr = r.get("method_results") or {}
+    alloc = mr.get("allocation")
+    if not alloc:
+        return None
+    kept = sum(a["kept_params"] for a in alloc)
+    return sum(a["rank_kept"] * (a["shape"][0] + a["shape"][1]) for a in alloc) / kept if kept else 0.0
+
+
+def safety(r: dict) -> str:
+    mr = r.get("method_results") or {}
+    out = []
+    if (g := mr.get("guard")) is not None:
+        losses = g.get("losses") or {k[5:]: v for k, v in g.items() if k.startswith("loss_")}
+        out.append("guard " + " / ".join(f"{k} {v:.3f}" for k, v in losses.items()) + f" → {g['chosen']}")
+    if (c := mr.get("calibration")) is not None:
+        f = [c["factors"][b] for b in sorted(c["factors"], key=int)]
+        out.append(f"calibration factors {min(f):.2g}–{max(f):.2g} (first {f[0]:.2g}, last {f[-1]:.2g})")
+    return "; ".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--reference", default="sparsegpt", help="method whose cell of the same protocol is the 1.00 of the ratio column")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    cells = [json.loads(p.read_text()) | {"_file": str(p)} for p in a.results]
+    ref = {protocol(r): r["perplexity"]["value"] for r in cells if r["method"] == a.reference and changed(r) == "defaults"}
+    rows = []
+    for r in sorted(cells, key=lambda r: (r["model"]["name"], r.get("ratio") or 0, r["method"], changed(r))):
+        ppl = r["perplexity"]["value"]
+        base = ref.get(protocol(r))
+        rows.append({"model": r["model"]["name"], "method": r["method"], "ratio": r.get("ratio"), "options": changed(r), "perplexity": ppl,
+                     f"vs_{a.reference}": None if base is None else ppl / base, "compress_s": (r.get("time_s") or {}).get("compress"),
+                     "lowrank_share": lowrank_share(r), "safety": safety(r), "peak_rss_mb": r.get("peak_rss_mb"),
+                     "capllm_commit": (r.get("environment") or {}).get("git_commit"), "date": r.get("date"), "file": r["_file"],
+                     "protocol": dict(zip(("model", "ratio", "dataset", "split", "seqlen", "windows", "calib", "nsamples", "calib_seqlen", "seed"), protocol(r)))})
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "quality.json").write_text(json.dumps(rows, indent=1))
+    lines = [f"| model | method | ratio | options | perplexity | ÷ {a.reference} | compress s | low-rank share | allocation safety |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        vs, lr, t = x[f"vs_{a.reference}"], x["lowrank_share"], x["compress_s"]
+        vs_s = "" if vs is None else f"{vs:.3f}"
+        t_s = "" if t is None else f"{t:.0f}"
+        lr_s = "" if lr is None else f"{100 * lr:.2f} %"
+        lines.append(f"| {x['model']} | {x['method']} | {x['ratio']} | {x['options']} | {x['perplexity']:.2f} | {vs_s} | {t_s} | {lr_s} | {x['safety']} |")
+    (a.out / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
