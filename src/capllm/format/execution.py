@@ -159,6 +159,22 @@ def _packing_pays(density: float, itemsize: int) -> bool:
     return density < 1 - 1 / (8 * itemsize)
 
 
+def _base_decision(policy: str, density: float, device: torch.device) -> dict[str, Any]:
+    decision: dict[str, Any] = {"policy": policy, "density": round(density, 6), "device": str(device)}
+    if device.type == "cpu":
+        decision["threads"] = torch.get_num_threads()
+    return decision
+
+
+def forced_layout(policy: str, shape: tuple[int, int], nnz: int, device: torch.device) -> tuple[str, dict[str, Any]]:
+    """``(policy, decision)`` for the policies that choose nothing (``dense``, ``csr``): no probe,
+    and nothing of the matrix is needed but its size."""
+    if policy not in ("dense", "csr"):
+        raise ValueError(f"policy {policy!r} is not a forced layout")
+    m, n = shape
+    return policy, {**_base_decision(policy, nnz / (m * n), device), "reason": f"forced by policy {policy}"}
+
+
 def choose_layout(S: torch.Tensor | BitmaskMatrix, policy: str = "auto", value_dtype: torch.dtype | None = None,
                   dense_dtype: torch.dtype | None = None) -> tuple[str, dict[str, Any]]:
     """``("dense" | "csr" | "bitmask", decision)`` for a sparse part on its target device.
@@ -179,11 +195,9 @@ def choose_layout(S: torch.Tensor | BitmaskMatrix, policy: str = "auto", value_d
         vdt = value_dtype or S.dtype
     density = nnz / (m * n)
     threads = torch.get_num_threads() if device.type == "cpu" else None
-    decision: dict[str, Any] = {"policy": policy, "density": round(density, 6), "device": str(device)}
-    if threads is not None:
-        decision["threads"] = threads
+    decision = _base_decision(policy, density, device)
     if policy in ("dense", "csr"):
-        return policy, {**decision, "reason": f"forced by policy {policy}"}
+        return forced_layout(policy, (m, n), nnz, device)
     backend = kernel_backend(device)
     if policy == "kernel":
         why = "forced by policy kernel" + ("" if backend else f" (no kernel here: {kernel_unavailable_reason(device)}; runs by unpacking)")

@@ -26,7 +26,7 @@ from torch import nn
 from capllm.errors import CapllmError
 from capllm.format import modeling_capllm
 from capllm.format.bitmask import csr_from_bitmask, unpack_bitmask
-from capllm.format.execution import check_policy, choose_layout
+from capllm.format.execution import check_policy, choose_layout, forced_layout
 from capllm.format.modules import LowRankSparseLinear
 from capllm.kernels import VALUE_DTYPES, BitmaskMatrix
 from capllm.utils import release_host_pages, trim_heap
@@ -97,7 +97,9 @@ def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str, spa
     if packed.layout == "bitmask":
         vdt = sparse_dtype or packed.S_values.dtype
         dense_dtype = packed.S_values.dtype
-        if vdt in VALUE_DTYPES:
+        if policy in ("dense", "csr"):  # nothing to choose: no padded kernel copy of the values
+            layout, decision = forced_layout(policy, shape, packed.S_values.numel(), packed.S_values.device)
+        elif vdt in VALUE_DTYPES:
             bits = BitmaskMatrix.from_packed(packed.S_values.data, packed.S_bitmask, shape, vdt)
             layout, decision = choose_layout(bits, policy, dense_dtype=dense_dtype)
         else:
