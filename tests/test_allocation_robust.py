@@ -202,7 +202,7 @@ def test_masked_loss_substitutes_only_the_given_blocks(tmp_path):
 
     import torch.nn.functional as F
 
-    from capllm.allocate.guard import _dense, masked_loss
+    from capllm.allocate.guard import masked_loss
     from capllm.allocate.run import CapRun, open_store
 
     model = tiny_model("llama", seed=5)
@@ -223,7 +223,7 @@ def test_masked_loss_substitutes_only_the_given_blocks(tmp_path):
         ref = copy.deepcopy(model)
         for h in ctx.linears:
             if h.block_index == 1:
-                ref.get_submodule(h.name).weight.data = _dense(run.decision(h.name), h.shape)
+                ref.get_submodule(h.name).weight.data = run.decision(h.name).dense()
         assert masked_loss(ctx, run.decision, w, blocks={1}) == pytest.approx(loss_of(ref), rel=1e-5)
 
 

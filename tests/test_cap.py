@@ -134,7 +134,7 @@ def test_guard_loss_is_the_loss_of_the_masked_model_and_leaves_it_untouched(tmp_
 
     import torch.nn.functional as F
 
-    from capllm.allocate.guard import _dense, masked_loss
+    from capllm.allocate.guard import masked_loss
     from capllm.allocate.run import CapRun, open_store
 
     model = tiny_model("llama", seed=5)
@@ -148,7 +148,7 @@ def test_guard_loss_is_the_loss_of_the_masked_model_and_leaves_it_untouched(tmp_
         got = masked_loss(ctx, run.decision, ctx.calibration.held_out)
         ref_model = copy.deepcopy(model)
         for h in ctx.linears:
-            ref_model.get_submodule(h.name).weight.data = _dense(run.decision(h.name), h.shape)
+            ref_model.get_submodule(h.name).weight.data = run.decision(h.name).dense()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     w = ctx.calibration.held_out
     with torch.no_grad():

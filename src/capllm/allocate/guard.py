@@ -31,13 +31,6 @@ import torch
 from capllm.allocate.refit import Decision
 
 
-def _dense(d: Decision, shape: tuple[int, int]) -> torch.Tensor:
-    W = torch.zeros(shape, dtype=torch.float32) if d.S is None else d.S.float().clone()
-    if d.U is not None:
-        W += d.U.float() @ d.V.float().t()
-    return W
-
-
 @torch.no_grad()
 def masked_loss(ctx, decide: Callable[[str], Decision], windows: torch.Tensor, blocks: set[int] | None = None) -> float:
     """Mean next-token NLL of ``windows`` with every linear at its decision's ``W̃`` (module docstring);
@@ -55,7 +48,7 @@ def masked_loss(ctx, decide: Callable[[str], Decision], windows: torch.Tensor, b
         try:
             for h in by_block.get(i, []):
                 p = h.module.weight
-                W = _dense(decide(h.name), h.shape).to(device=p.device, dtype=p.dtype)
+                W = decide(h.name).dense().to(device=p.device, dtype=p.dtype)
                 originals.append((p, p.data))
                 p.data = W.t().contiguous() if h.conv1d else W
             yield

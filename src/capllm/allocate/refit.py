@@ -35,6 +35,13 @@ class Decision:
     S: torch.Tensor | None  # Stage 1 values on the support (used when the support is empty of data)
     mask: torch.Tensor  # (m, n) bool support of the sparse part
 
+    def dense(self) -> torch.Tensor:
+        """``W̃ = U Vᵀ + S`` (float32) with these values, as the model would run it before a refit."""
+        W = torch.zeros(self.mask.shape, dtype=torch.float32) if self.S is None else self.S.float().clone()
+        if self.U is not None:
+            W += self.U.float() @ self.V.float().t()
+        return W
+
 
 class _RefitCompressor:
     def __init__(self, n_in: int, device, decision: Decision, blocksize: int, percdamp: float, iters: int = 0) -> None:
