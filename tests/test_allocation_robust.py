@@ -117,7 +117,7 @@ def test_guard_applies_the_alternative_of_lowest_loss(tmp_path, monkeypatch):
         assert sum(r.kept_params for r in ctx.records.values()) == ctx.extra["budget"]["achieved"] <= ctx.extra["budget"]["target"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "opt-proj", "gemma3", "gpt_neox"])
 def test_obs_scores_and_the_guard_run_on_every_architecture(arch, tmp_path):
     model = make_model(arch, seed=4)
     ctx = _ctx_held(model)
