@@ -25,6 +25,17 @@ from the last finished block or matrix:
 The REINFORCE policy (``steps > 0``) is the exception: its keep-probabilities are one vector over
 every candidate of the model, so it loads the pools into memory (small models only).
 
+Our additions, each an option (off by default until measured; BENCHMARKS.md, CAP quality):
+
+* ``entry_score=obs`` — an entry is priced by its removal *with* its row compensating,
+  ``½ S_ij² G_ii / [A⁻¹]_jj`` (:func:`capllm.solvers.obs.obs_entry_gain`), as the refit realises;
+* ``calibrate=block`` — every block's keys rescaled by the loss its uniform split measurably costs
+  over the loss its scores predict (:meth:`CapRun.calibrate`), so the global ranking compares
+  like with like across blocks;
+* ``scope=block`` — the ranking inside each block, every block at its own share;
+* ``guard=…`` — the chosen allocation against ``uniform`` / ``block`` on held-out windows;
+* ``refit_iters`` — CG steps from the OBS values to the exact least-squares values on the support.
+
 Also here, the paper's two ablations on the same pools:
 
 * ``cap-uniform`` — each matrix gets the same share ``⌊(1 − ρ) m n⌋`` of the budget, filled
