@@ -210,7 +210,9 @@ class CapRun:
         on the held-out windows (every other block dense; :func:`capllm.allocate.guard.masked_loss`).
         Every key of block ``b`` is multiplied by ``M_b / P_b`` (``M_b`` floored at 1 % of the mean
         ``M``): the factors are the diagnosis (≫ 1: a block whose scores under-state its damage).
-        Within a block the ranking is unchanged. Resumable (the factors are recorded, keys are not rewritten)."""
+        Within a block the ranking is unchanged. Resumable (the factors are recorded, keys are not rewritten).
+        Both sides are without a refit, as the K-FAC entry score is; with ``entry_score=obs`` the
+        prediction assumes a compensation that this measurement does not make."""
         if windows is None or len(windows) == 0:
             raise CapllmError("cap option calibrate=block needs held-out calibration windows (guard_windows ≥ 1)")
         info = self.store.stage("calibrate") or self._on_main(lambda: self._calibrate(ratio, windows), "calibrate")
