@@ -226,13 +226,10 @@ class CapRun:
 
         ctx = self.ctx
         with ctx.timer.stage("calibrate"):
-            self._segs = segs = self.segments()
-            _, store_keep = self.keep_writer(kind="keep-uniform")
+            self._alternative("uniform", ratio)  # keys are not scaled yet: the plain uniform split
             predicted: dict[int, float] = {}
             for k, h in enumerate(ctx.linears):
-                key, cost = self.store.key(h.name), _costs(segs[k])
-                keep = greedy_fill(key, cost, int((1.0 - ratio) * h.numel))
-                store_keep(k, keep)
+                key, cost, keep = self.store.key(h.name), _costs(self._segs[k]), self.store.keep(h.name, kind="keep-uniform")
                 predicted[h.block_index] = predicted.get(h.block_index, 0.0) + float((key.double() * cost.double())[~keep].sum())
             dense = masked_loss(ctx, self.decision, windows, blocks=set())
             measured = {}
