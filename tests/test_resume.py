@@ -108,11 +108,16 @@ def setup(tmp_path_factory):
 def test_kill_anywhere_then_resume_is_bit_identical(point, setup, monkeypatch):
     root, ref = setup
     monkeypatch.setenv("CAPLLM_CACHE", str(root / f"cache-{point}"))  # Stage 1 starts from nothing too
+    monkeypatch.setenv("CAPLLM_TIMER_HEARTBEAT_S", "0.05")
     out = root / f"run-{point}"
     argv = _args(root / "model", root / "text.txt", out)
     assert _run_child(argv, KILLS[point]) == 137
     assert not out.exists() and (out.parent / f"{out.name}.work").is_dir()
+    beat = json.loads((out.parent / f"{out.name}.work" / "timer.json").read_text())  # the killed attempt's time, running stages included
+    assert beat["total"] > 0 and "load_model" in beat
     assert _run_child(argv, None) == 0
+    times = json.loads((out / "result.json").read_text())["time_s"]
+    assert times["total"] > beat["total"] and all(times[k] >= v - 1e-6 for k, v in beat.items())  # the resumed run adds the killed one's time
     assert not (out.parent / f"{out.name}.work").exists()  # removed once the result is in place
     assert _numbers(out) == _numbers(ref)
     a, b = _tensors(out), _tensors(ref)
@@ -157,3 +162,23 @@ def test_resume_dir_alone_continues_the_run(setup, tmp_path, monkeypatch):
     assert _run_child(["compress", "--resume", str(out), "--quiet"], None) == 0
     assert _numbers(out) == _numbers(ref)
     assert main(["compress", "--resume", str(tmp_path / "nothing")]) != 0
+
+
+def test_timer_snapshot_counts_the_running_stage_and_the_heartbeat_stops_cleanly(tmp_path):
+    import time
+
+    from capllm.utils import StageTimer, TimerHeartbeat, resumed_times
+
+    timer = StageTimer(previous={"load_model": 1.0, "total": 5.0})
+    path = tmp_path / "work" / "timer.json"
+    path.parent.mkdir()
+    with TimerHeartbeat(timer, path, interval=0.01):
+        with timer.stage("compress"):
+            time.sleep(0.1)
+            snap = json.loads(path.read_text())
+            assert 0.0 < snap["compress"] < 0.2 and snap["load_model"] == 1.0 and snap["total"] > 5.0
+            assert "compress" not in timer.as_dict()  # as_dict: finished stages only
+    assert not path.exists()  # stopped and removed with the run
+    assert resumed_times({"total": 1.0}, path) == {"total": 1.0}
+    path.write_text(json.dumps({"a": 2.0, "total": 9.0}))
+    assert resumed_times({"total": 1.0}, path) == {"a": 2.0, "total": 9.0} and resumed_times({"total": 10.0}, path) == {"total": 10.0}

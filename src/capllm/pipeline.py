@@ -30,10 +30,12 @@ from capllm.methods.base import Structure, get_method
 from capllm.models.layers import count_params
 from capllm.models.loader import DEFAULT_MODEL, load_model
 from capllm.results import capllm_version, environment, params_block
-from capllm.utils import StageTimer, atomic_dir, cache_dir, json_cache_get, json_cache_put, peak_cuda_mb, peak_rss_mb, resolve_device, write_json_atomic
+from capllm.utils import (StageTimer, TimerHeartbeat, atomic_dir, cache_dir, json_cache_get, json_cache_put, peak_cuda_mb, peak_rss_mb, resolve_device,
+                          resumed_times, write_json_atomic)
 
 DEFAULT_METHOD = "cap"  # measured: beats sparsegpt, wanda, magnitude and cap-uniform at 50 % (BENCHMARKS.md)
 SAVE_MODES = ("compressed", "dense", "none")
+TIMER_FILE = "timer.json"  # the heartbeat of the time spent (in the work directory)
 
 
 @dataclass(frozen=True)
@@ -234,101 +236,103 @@ def run_compress_job(job: JobConfig, log=print, dist: Dist = SINGLE) -> dict[str
     resumed = state is not None
     state = dict(state or {})
     state["attempts"] = state.get("attempts", 0) + 1
-    timer = StageTimer(previous=state.get("time_s"))
-    with timer.stage("load_model"):
-        model, tokenizer = load_model(job.model)
-    if not resumed and dist.is_main:
-        need = disk_estimate(model, method.name, job.compress.calibration.nsamples, job.compress.calibration.seqlen, job.save, stage1_cached=False)
-        state["disk_estimate_bytes"] = need
-        try:
-            check_disk(work, need["total"])
-        except CapllmError:
-            remove_work_dir(work)
-            raise
-    save_state(work, state)
-    eval_source = None
-    dense_ppl = None
-    if job.evaluate:
-        with timer.stage("eval_data"):
-            eval_source = load_text(job.eval.dataset, job.eval.split, job.eval.data_dir, purpose="eval")
-        if method.uses_ratio:  # the dense reference (the `dense` method is scored once, below)
-            if state.get("perplexity_dense") is not None:
-                dense_ppl = state["perplexity_dense"]
-            else:
-                with timer.stage("eval_dense"):
-                    dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache, dist=dist)
-                state.update({"perplexity_dense": dense_ppl, "time_s": timer.as_dict()})
-                save_state(work, state)
-            log(f"capllm: dense perplexity {dense_ppl['value']:.3f} on {eval_source.name}:{eval_source.split} ({dense_ppl['windows']} of {dense_ppl['windows_available']} windows × {dense_ppl['seqlen']} tokens){' [cached]' if dense_ppl.get('cached') else ''}")
-    gen_prompts = gen_ref = None
-    if job.generation is not None:  # the dense model's continuations, before it is compressed
-        from capllm.eval.generation import dense_reference, make_prompts
+    timer = StageTimer(previous=resumed_times(state.get("time_s"), work / TIMER_FILE))
+    # the time spent so far, every 30 s: an attempt killed inside a stage still counts (resume adds it up)
+    with TimerHeartbeat(timer, work / TIMER_FILE) if dist.is_main else contextlib.nullcontext():
+        with timer.stage("load_model"):
+            model, tokenizer = load_model(job.model)
+        if not resumed and dist.is_main:
+            need = disk_estimate(model, method.name, job.compress.calibration.nsamples, job.compress.calibration.seqlen, job.save, stage1_cached=False)
+            state["disk_estimate_bytes"] = need
+            try:
+                check_disk(work, need["total"])
+            except CapllmError:
+                remove_work_dir(work)
+                raise
+        save_state(work, state)
+        eval_source = None
+        dense_ppl = None
+        if job.evaluate:
+            with timer.stage("eval_data"):
+                eval_source = load_text(job.eval.dataset, job.eval.split, job.eval.data_dir, purpose="eval")
+            if method.uses_ratio:  # the dense reference (the `dense` method is scored once, below)
+                if state.get("perplexity_dense") is not None:
+                    dense_ppl = state["perplexity_dense"]
+                else:
+                    with timer.stage("eval_dense"):
+                        dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache, dist=dist)
+                    state.update({"perplexity_dense": dense_ppl, "time_s": timer.as_dict()})
+                    save_state(work, state)
+                log(f"capllm: dense perplexity {dense_ppl['value']:.3f} on {eval_source.name}:{eval_source.split} ({dense_ppl['windows']} of {dense_ppl['windows_available']} windows × {dense_ppl['seqlen']} tokens){' [cached]' if dense_ppl.get('cached') else ''}")
+        gen_prompts = gen_ref = None
+        if job.generation is not None:  # the dense model's continuations, before it is compressed
+            from capllm.eval.generation import dense_reference, make_prompts
 
-        gen_source = eval_source or load_text(job.eval.dataset, job.eval.split, job.eval.data_dir, purpose="eval")
-        gen_prompts = make_prompts(tokenizer, gen_source.text, job.generation)
-        with timer.stage("generation_dense"):
-            gen_ref = dense_reference(model, gen_prompts, job.generation, device, job.dense_cache)
-    result = compress(model, tokenizer, dataclasses.replace(job.compress, work_dir=str(work / "compress")), timer, dist=dist)
-    state["time_s"] = timer.as_dict()
-    save_state(work, state)
-    ppl = None
-    if job.evaluate:
-        with timer.stage("eval"):
-            ppl = evaluate_perplexity(model, tokenizer, job.eval, device=device, progress=job.compress.progress, source=eval_source, dist=dist)
-        if not math.isfinite(ppl["value"]):
-            raise CapllmError("compressed model perplexity is not finite")
-        if dense_ppl is None:
-            dense_ppl = ppl
-    result["peak_rss_mb_compress"] = round(peak_rss_mb(), 1)  # before the extra evaluations below
-    if dist.enabled:
-        if job.zeroshot is not None or job.generation is not None:
-            raise CapllmError("zero-shot and generation checks run in one process: run them with `capllm eval` on the saved model")
-        result["peak_rss_mb_by_rank"] = dist.all_gather_object(round(peak_rss_mb(), 1))
-        if not dist.is_main:  # rank 0 writes the outputs
-            dist.barrier()
-            return result
-    if job.zeroshot is not None:
-        from capllm.eval.zeroshot import evaluate_zeroshot, zeroshot_table
+            gen_source = eval_source or load_text(job.eval.dataset, job.eval.split, job.eval.data_dir, purpose="eval")
+            gen_prompts = make_prompts(tokenizer, gen_source.text, job.generation)
+            with timer.stage("generation_dense"):
+                gen_ref = dense_reference(model, gen_prompts, job.generation, device, job.dense_cache)
+        result = compress(model, tokenizer, dataclasses.replace(job.compress, work_dir=str(work / "compress")), timer, dist=dist)
+        state["time_s"] = timer.as_dict()
+        save_state(work, state)
+        ppl = None
+        if job.evaluate:
+            with timer.stage("eval"):
+                ppl = evaluate_perplexity(model, tokenizer, job.eval, device=device, progress=job.compress.progress, source=eval_source, dist=dist)
+            if not math.isfinite(ppl["value"]):
+                raise CapllmError("compressed model perplexity is not finite")
+            if dense_ppl is None:
+                dense_ppl = ppl
+        result["peak_rss_mb_compress"] = round(peak_rss_mb(), 1)  # before the extra evaluations below
+        if dist.enabled:
+            if job.zeroshot is not None or job.generation is not None:
+                raise CapllmError("zero-shot and generation checks run in one process: run them with `capllm eval` on the saved model")
+            result["peak_rss_mb_by_rank"] = dist.all_gather_object(round(peak_rss_mb(), 1))
+            if not dist.is_main:  # rank 0 writes the outputs
+                dist.barrier()
+                return result
+        if job.zeroshot is not None:
+            from capllm.eval.zeroshot import evaluate_zeroshot, zeroshot_table
 
-        z = job.zeroshot
-        with timer.stage("zeroshot"):
-            result["zeroshot"] = evaluate_zeroshot(model, tokenizer, z.tasks, z.limit, z.seed, z.batch_size, device, z.source, z.include_path, job.compress.progress)
-        log(zeroshot_table(result["zeroshot"]))
-    if job.generation is not None:
-        from capllm.eval.generation import generation_check
+            z = job.zeroshot
+            with timer.stage("zeroshot"):
+                result["zeroshot"] = evaluate_zeroshot(model, tokenizer, z.tasks, z.limit, z.seed, z.batch_size, device, z.source, z.include_path, job.compress.progress)
+            log(zeroshot_table(result["zeroshot"]))
+        if job.generation is not None:
+            from capllm.eval.generation import generation_check
 
-        with timer.stage("generation"):
-            result["generation"] = generation_check(model, tokenizer, gen_prompts, gen_ref, lambda: load_model(job.model)[0], job.generation, device,
-                                                    source={"dataset": gen_source.name, "split": gen_source.split, "origin": gen_source.origin})
-    result.update({
-        "perplexity": ppl,
-        "perplexity_dense": dense_ppl,
-        "time_s": timer.as_dict(),
-        "peak_by_stage": timer.peaks(),
-        "attempts": state["attempts"],  # > 1: resumed after an interruption (time_s adds up the attempts)
-        "disk_estimate_bytes": state.get("disk_estimate_bytes"),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "peak_cuda_mb": peak_cuda_mb(device),
-        "environment": environment(),
-        "eval_config": asdict(job.eval) if job.evaluate else None,
-        "out_dir": str(out),
-    })
-    with atomic_dir(out) as tmp:
-        if job.save != "none":  # the model itself, next to result.json; its bytes on disk go into result.json
-            from capllm.format import write_compressed, write_dense
+            with timer.stage("generation"):
+                result["generation"] = generation_check(model, tokenizer, gen_prompts, gen_ref, lambda: load_model(job.model)[0], job.generation, device,
+                                                        source={"dataset": gen_source.name, "split": gen_source.split, "origin": gen_source.origin})
+        result.update({
+            "perplexity": ppl,
+            "perplexity_dense": dense_ppl,
+            "time_s": timer.as_dict(),
+            "peak_by_stage": timer.peaks(),
+            "attempts": state["attempts"],  # > 1: resumed after an interruption (time_s adds up the attempts)
+            "disk_estimate_bytes": state.get("disk_estimate_bytes"),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_cuda_mb": peak_cuda_mb(device),
+            "environment": environment(),
+            "eval_config": asdict(job.eval) if job.evaluate else None,
+            "out_dir": str(out),
+        })
+        with atomic_dir(out) as tmp:
+            if job.save != "none":  # the model itself, next to result.json; its bytes on disk go into result.json
+                from capllm.format import write_compressed, write_dense
 
-            with timer.stage("save"):
-                written = write_compressed(model, tmp, tokenizer, result) if job.save == "compressed" else write_dense(model, tmp, tokenizer)
-            result["storage"] = {"format": job.save, **written}
-            result["time_s"] = timer.as_dict()
-        write_json_atomic(tmp / "result.json", result)
-        alloc = result.get("method_results", {}).get("allocation")
-        if job.plot and alloc:
-            from capllm.allocate.plot import plot_allocation
+                with timer.stage("save"):
+                    written = write_compressed(model, tmp, tokenizer, result) if job.save == "compressed" else write_dense(model, tmp, tokenizer)
+                result["storage"] = {"format": job.save, **written}
+                result["time_s"] = timer.as_dict()
+            write_json_atomic(tmp / "result.json", result)
+            alloc = result.get("method_results", {}).get("allocation")
+            if job.plot and alloc:
+                from capllm.allocate.plot import plot_allocation
 
-            plot_allocation(alloc, tmp / "allocation.png", f"{result['method']} {result['ratio']:.0%} — {result['model']['name']}")
-        elif job.plot:
-            log(f"capllm: --plot: method {result['method']} reports no per-matrix allocation; no plot written")
+                plot_allocation(alloc, tmp / "allocation.png", f"{result['method']} {result['ratio']:.0%} — {result['model']['name']}")
+            elif job.plot:
+                log(f"capllm: --plot: method {result['method']} reports no per-matrix allocation; no plot written")
     remove_work_dir(work)
     dist.barrier()
     return result

@@ -161,7 +161,9 @@ class StageTimer:
     RSS (and peak GPU memory) as each stage ended — :meth:`peaks`.
 
     ``previous`` carries the times of an earlier, interrupted attempt of the same run (resume):
-    they are added, so a stage's figure is its whole cost.
+    they are added, so a stage's figure is its whole cost. :meth:`snapshot` includes the stages
+    still running, so an attempt killed inside a stage can be recorded up to that moment
+    (:class:`TimerHeartbeat`).
     """
 
     def __init__(self, previous: dict[str, float] | None = None) -> None:
@@ -170,13 +172,17 @@ class StageTimer:
         self.peak_rss: dict[str, float] = {}
         self.peak_gpu: dict[str, float] = {}
         self._t0 = time.perf_counter()
+        self._open: dict[int, tuple[str, float]] = {}  # stages running now: id → (name, start)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         t = time.perf_counter()
+        token = object()
+        self._open[id(token)] = (name, t)
         try:
             yield
         finally:
+            del self._open[id(token)]
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
             self.peak_rss[name] = round(peak_rss_mb(), 1)
             if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -187,9 +193,70 @@ class StageTimer:
         return {"rss_mb": dict(self.peak_rss), **({"gpu_mb": dict(self.peak_gpu)} if self.peak_gpu else {})}
 
     def as_dict(self) -> dict[str, float]:
-        out = {k: round(v, 3) for k, v in self.times.items()}
+        out = {k: round(v, 3) for k, v in dict(self.times).items()}
         out["total"] = round(self._before + time.perf_counter() - self._t0, 3)
         return out
+
+    def snapshot(self) -> dict[str, float]:
+        """:meth:`as_dict` with the running stages counted up to now."""
+        now = time.perf_counter()
+        out = dict(self.times)
+        for name, t in list(self._open.values()):
+            out[name] = out.get(name, 0.0) + now - t
+        out = {k: round(v, 3) for k, v in out.items()}
+        out["total"] = round(self._before + now - self._t0, 3)
+        return out
+
+
+class TimerHeartbeat:
+    """Writes ``timer.snapshot()`` to ``path`` every ``interval`` seconds (atomically, in a daemon
+    thread) until stopped: a run killed anywhere — ``kill -9`` included — leaves its time spent so
+    far, to at most ``interval`` seconds, for the resumed attempt to add up."""
+
+    def __init__(self, timer: StageTimer, path: str | os.PathLike, interval: float | None = None) -> None:
+        import threading
+
+        if interval is None:
+            interval = float(os.environ.get("CAPLLM_TIMER_HEARTBEAT_S", "30"))
+        self.timer, self.path, self.interval = timer, Path(path), interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capllm-timer-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def beat(self) -> None:
+        if not self.path.parent.is_dir():  # the work directory is gone (the run finished): never recreate it
+            return
+        try:
+            write_json_atomic(self.path, self.timer.snapshot())
+        except OSError:  # a full disk must not kill the run for a timing record
+            pass
+
+    def __enter__(self) -> "TimerHeartbeat":
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.path.unlink(missing_ok=True)
+
+
+def resumed_times(state_times: dict[str, float] | None, heartbeat: str | os.PathLike) -> dict[str, float] | None:
+    """The times an interrupted attempt left: its heartbeat when that is later than the state's record."""
+    p = Path(heartbeat)
+    try:
+        beat = json.loads(p.read_text()) if p.exists() else None
+    except (OSError, ValueError):
+        beat = None
+    if beat is None or not isinstance(beat, dict):
+        return state_times
+    if state_times is None or float(beat.get("total", 0)) > float(state_times.get("total", 0)):
+        return beat
+    return state_times
 
 
 @contextlib.contextmanager
