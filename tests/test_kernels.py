@@ -19,7 +19,6 @@ import capllm
 from capllm.format.execution import choose_layout
 from capllm.format.modules import LowRankSparseLinear
 from capllm.kernels import BitmaskMatrix, cpu_build, reference
-from capllm.kernels.bitmask import _ISA
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
 SRC = Path(capllm.__file__).resolve().parents[1]
@@ -110,27 +109,6 @@ def test_prefill_in_row_blocks_equals_the_dense_layer(chunk_bytes, monkeypatch):
     got = P.linear_prefill(x, U, V, b, chunk_bytes=chunk_bytes)
     assert got.shape == (2, 40, m) and (got.double() - want).abs().max() <= 1e-5 * want.abs().max().item()
     assert torch.equal(inside, got)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_unpack_rows_adds_the_low_rank_part_on_every_path(dtype):
-    """unpack_rows(r0, r1, U, Vt) = (S + U Vᵀ)[r0:r1] on every instruction set (odd n: a partial mask byte)."""
-    ops = cpu_build.load()
-    if ops is None:
-        pytest.skip(cpu_build.unavailable_reason())
-    g = torch.Generator().manual_seed(11)
-    m, n, r = 19, 53, 2
-    S = _sparse((m, n), 0.4, seed=12)
-    U, V = torch.randn(m, r, generator=g), torch.randn(n, r, generator=g)
-    P = BitmaskMatrix.from_dense(S, dtype)
-    full = P.dense().double() + U.double() @ V.double().t()
-    for isa in _isas():
-        out = torch.full((7, n), float("nan"))
-        ops.unpack_rows(P.values, P.bitmask, P.row_ptr, n, 5, 12, out, _ISA[isa], U, V.t().contiguous())
-        assert (out.double() - full[5:12]).abs().max() <= 1e-5 * full.abs().max().item(), isa
-        plain = torch.full((7, n), float("nan"))
-        ops.unpack_rows(P.values, P.bitmask, P.row_ptr, n, 5, 12, plain, _ISA[isa])
-        assert torch.equal(plain, P.dense()[5:12]), isa
 
 
 def test_kernel_keeps_leading_dims_and_dtype_and_refuses_a_wrong_width():

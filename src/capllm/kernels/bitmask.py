@@ -139,8 +139,7 @@ class BitmaskMatrix:
                        bias: torch.Tensor | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
         """``x (S + U Vᵀ)ᵀ + bias`` for many tokens: the dense GEMM, on ``S`` unpacked a block of rows
         at a time (≤ ``chunk_bytes``, into one reused per-thread buffer) with ``U Vᵀ`` added to the
-        block (inside the unpack, while the rows are in cache), so no call allocates a dense
-        matrix. CPU + fp32 with the compiled kernel; anywhere
+        block, so no call allocates a dense matrix. CPU + fp32 with the compiled kernel; anywhere
         else one unpack of the whole ``S``."""
         m, n = self.shape
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, U, V, bias))
@@ -154,10 +153,11 @@ class BitmaskMatrix:
         rows = max(1, min(m, (chunk_bytes or PREFILL_CHUNK_BYTES) // (4 * max(n, 1))))
         ws = _workspace(rows * n)
         y = torch.empty(x2.shape[0], m, dtype=torch.float32)
-        Vt = None if U is None else V.t().float().contiguous()  # U Vᵀ is added row by row inside the unpack
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
-            Wc = ops.unpack_rows(self.values, self.bitmask, self.row_ptr, n, r0, r1, ws[: (r1 - r0) * n].view(r1 - r0, n), 0, U, Vt)
+            Wc = ops.unpack_rows(self.values, self.bitmask, self.row_ptr, n, r0, r1, ws[: (r1 - r0) * n].view(r1 - r0, n), 0)
+            if U is not None:
+                Wc.addmm_(U[r0:r1], V.t())
             torch.mm(x2, Wc.t(), out=y[:, r0:r1] if rows < m else y)
         if bias is not None:
             y += bias

@@ -442,65 +442,27 @@ at::Tensor bitmask_spmv_fused(const at::Tensor& x_in, const at::Tensor& values, 
   return y;
 }
 
-// out[i - r0, :] += sum_k U[i, k] Vt[k, :] for rows [a, b): the low-rank part added while the
-// unpacked rows are still in L1 (the compiler vectorises the inner loop for each target).
-template <int ISA>
-inline void add_lowrank_rows(float* out, int64_t r0, int64_t a, int64_t b, int64_t n, const float* U, const float* Vt, int64_t r) {
-  for (int64_t i = a; i < b; ++i) {
-    float* row = out + (i - r0) * n;
-    for (int64_t k = 0; k < r; ++k) {
-      const float u = U[i * r + k];
-      const float* v = Vt + k * n;
-      for (int64_t j = 0; j < n; ++j) row[j] += u * v[j];
-    }
-  }
-}
-AVX512_TARGET void add_lowrank_avx512(float* out, int64_t r0, int64_t a, int64_t b, int64_t n, const float* U, const float* Vt, int64_t r) {
-  add_lowrank_rows<AVX512>(out, r0, a, b, n, U, Vt, r);
-}
-AVX2_TARGET void add_lowrank_avx2(float* out, int64_t r0, int64_t a, int64_t b, int64_t n, const float* U, const float* Vt, int64_t r) {
-  add_lowrank_rows<AVX2>(out, r0, a, b, n, U, Vt, r);
-}
-
-// Rows [r0, r1) of S (+ U Vᵀ when U (m, r) and Vt (r, n) are given), dense fp32, into `out`
-// ((r1 - r0) x n, contiguous): the prefill path unpacks a few MB at a time into one reused
-// buffer, so no call allocates (or page-faults) a whole dense matrix.
+// Rows [r0, r1) of S, dense fp32, into `out` ((r1 - r0) x n, contiguous): the prefill path
+// unpacks a few MB at a time into one reused buffer, so no call allocates (or page-faults) a
+// whole dense matrix.
 at::Tensor bitmask_unpack_rows(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n, int64_t r0, int64_t r1,
-                               at::Tensor out, int64_t isa_req, const c10::optional<at::Tensor>& U_opt, const c10::optional<at::Tensor>& Vt_opt) {
+                               at::Tensor out, int64_t isa_req) {
   Problem P = make_problem(values, bitmask, row_ptr, n);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= P.m, "capllm kernel: rows [", r0, ", ", r1, ") outside 0..", P.m);
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == (r1 - r0) * n, "capllm kernel: out must be a contiguous float32 ((r1 - r0) x n) tensor");
   P.y = out.data_ptr<float>() - r0 * n;  // row i lands at out[(i - r0) * n]
   const int vt = value_type(values);
   const int isa = resolve_isa(isa_req);
-  const bool lr = U_opt.has_value() && U_opt->defined();
-  at::Tensor Uc, Vtc;
-  int64_t r = 0;
-  if (lr) {
-    TORCH_CHECK(Vt_opt.has_value() && Vt_opt->defined(), "capllm kernel: unpack_rows with U needs Vt");
-    Uc = U_opt->to(at::kFloat).contiguous();
-    Vtc = Vt_opt->to(at::kFloat).contiguous();
-    r = Uc.size(1);
-    TORCH_CHECK(Uc.dim() == 2 && Uc.size(0) == P.m && Vtc.dim() == 2 && Vtc.size(0) == r && Vtc.size(1) == n,
-                "capllm kernel: U must be (m, r) and Vt (r, n)");
-  }
-  float* const base = out.data_ptr<float>();
   at::parallel_for(r0, r1, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t a, int64_t b) {  // as for_rows
-    if (isa == SCALAR) {
-      unpack_scalar(P, vt, a, b);
-      if (lr) add_lowrank_rows<SCALAR>(base, r0, a, b, n, Uc.data_ptr<float>(), Vtc.data_ptr<float>(), r);
-      return;
-    }
+    if (isa == SCALAR) { unpack_scalar(P, vt, a, b); return; }
     if (isa == AVX512 || isa == AVX512_ROWWISE) {
       if (vt == F32) unpack_avx512<F32>(P, a, b);
       else if (vt == BF16) unpack_avx512<BF16>(P, a, b);
       else unpack_avx512<F16>(P, a, b);
-      if (lr) add_lowrank_avx512(base, r0, a, b, n, Uc.data_ptr<float>(), Vtc.data_ptr<float>(), r);
     } else {
       if (vt == F32) unpack_avx2<F32>(P, a, b);
       else if (vt == BF16) unpack_avx2<BF16>(P, a, b);
       else unpack_avx2<F16>(P, a, b);
-      if (lr) add_lowrank_avx2(base, r0, a, b, n, Uc.data_ptr<float>(), Vtc.data_ptr<float>(), r);
     }
   });
   return out;
@@ -508,7 +470,7 @@ at::Tensor bitmask_unpack_rows(const at::Tensor& values, const at::Tensor& bitma
 
 at::Tensor bitmask_unpack(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n, int64_t isa_req) {
   const int64_t m = bitmask.size(0);
-  return bitmask_unpack_rows(values, bitmask, row_ptr, n, 0, m, at::empty({m, n}, values.options().dtype(at::kFloat)), isa_req, c10::nullopt, c10::nullopt);
+  return bitmask_unpack_rows(values, bitmask, row_ptr, n, 0, m, at::empty({m, n}, values.options().dtype(at::kFloat)), isa_req);
 }
 
 int64_t best_isa() { return resolve_isa(AUTO); }
@@ -519,7 +481,7 @@ TORCH_LIBRARY(capllm_bitmask, m) {
   m.def("spmv(Tensor x, Tensor values, Tensor bitmask, Tensor row_ptr, int isa=0) -> Tensor");
   m.def("spmv_fused(Tensor x, Tensor values, Tensor bitmask, Tensor row_ptr, Tensor? U, Tensor? V, Tensor? bias, int isa=0) -> Tensor");
   m.def("unpack(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int isa=0) -> Tensor");
-  m.def("unpack_rows(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int r0, int r1, Tensor(a!) out, int isa=0, Tensor? U=None, Tensor? Vt=None) -> Tensor(a!)");
+  m.def("unpack_rows(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int r0, int r1, Tensor(a!) out, int isa=0) -> Tensor(a!)");
   m.def("best_isa", &best_isa);
 }
 
