@@ -299,6 +299,9 @@ def main() -> None:
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: the Triton kernel, bf16 models)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--from-rows", type=Path, default=None, metavar="LOG",
+                    help="no measuring: rebuild the JSON and tables from the per-model rows an interrupted run printed (one JSON object per line, "
+                         "in the order dense, compressed…; each full set of --compressed/--bf16-values models is one round)")
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sparse-dtype", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -308,7 +311,7 @@ def main() -> None:
     out = a.out or RESULTS / f"{a.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:]), "environment": _env(), "new_tokens": a.new_tokens, "repeats": a.repeats}
-    if not a.skip_kernels:
+    if not a.skip_kernels and a.from_rows is None:
         doc["kernels"] = kernel_rows(a.working_set_mb, a.device)
     specs = []
     if a.dense:
@@ -319,13 +322,32 @@ def main() -> None:
         specs.append((src, a.execution, None, label))
         if a.bf16_values and a.device == "cpu":
             specs.append((src, a.execution, "bfloat16", label + " (bf16 values)"))
+    if a.from_rows is not None:
+        rows = [json.loads(line) for line in a.from_rows.read_text().splitlines() if line.startswith('{"source"')]
+        per = len(specs)
+        rounds = [rows[i : i + per] for i in range(0, len(rows) - per + 1, per)]
+        if not rounds:
+            raise SystemExit(f"{a.from_rows}: fewer than one round ({per} models) of rows")
+        doc["rebuilt_from"] = f"{a.from_rows} ({len(rounds)} full rounds of {per} models; rows without their greedy tokens)"
+        write_doc(doc, out, rounds, a.rounds)
+        print(doc["tables_md"])
+        return
     rounds = []
+    if not specs:
+        write_doc(doc, out, [], a.rounds)
     for _ in range(a.rounds):  # the whole list per round, so drift on a shared machine hits every model alike
         rounds.append([model_row(src, ex, sd, a.new_tokens, a.repeats, label, a.device, a.prefill_repeats) for src, ex, sd, label in specs])
+        write_doc(doc, out, rounds, a.rounds)  # after every round: an interrupted run keeps what it measured
+    print(doc["tables_md"])
+
+
+def write_doc(doc: dict, out: Path, rounds: list[list[dict]], planned: int) -> None:
+    """The medians over the finished ``rounds`` (of ``planned``), the tables, the JSON (atomic) and the plot."""
     if rounds:
         doc["model_rounds"] = rounds
-        doc["models"] = models = [_median_row([r[i] for r in rounds]) for i in range(len(specs))]
-        if models[0]["compressed"] is False:
+        doc["rounds_planned"] = planned
+        doc["models"] = models = [_median_row([r[i] for r in rounds]) for i in range(len(rounds[0]))]
+        if models[0]["compressed"] is False and "greedy_tokens" in models[0]:
             for r in models[1:]:
                 r["same_greedy_tokens_as_dense"] = sum(x == y for x, y in zip(r["greedy_tokens"], models[0]["greedy_tokens"])) / len(models[0]["greedy_tokens"])
     doc["environment"]["loadavg_end"] = os.getloadavg()[0]
@@ -335,7 +357,6 @@ def main() -> None:
     tmp.replace(out)
     if doc.get("kernels"):
         plot(doc, out.with_suffix(".png"))
-    print(doc["tables_md"])
 
 
 if __name__ == "__main__":
