@@ -216,6 +216,8 @@ def run_compress_job(job: JobConfig, log=print, dist: Dist = SINGLE) -> dict[str
         all_ = dist.all_gather_object(mine)
         if len(set(all_)) > 1:
             odd = [r for r, h in enumerate(all_) if h != all_[0]]
+            if not dist.is_main:  # let rank 0 print its line first: torchrun kills the other ranks as soon as one exits
+                time.sleep(2.0)
             raise CapllmError(f"the job's configuration differs between ranks (rank {odd[0]} differs from rank 0): start every rank with the same arguments")
     if job.save not in SAVE_MODES:
         raise CapllmError(f"--save {job.save!r}: use one of {', '.join(SAVE_MODES)}")
