@@ -238,8 +238,10 @@ def run_compress_job(job: JobConfig, log=print, dist: Dist = SINGLE) -> dict[str
     resumed = state is not None
     state = dict(state or {})
     state["attempts"] = state.get("attempts", 0) + 1
+    # the time spent so far lives only in the heartbeat file (every 30 s, running stages included), so
+    # an attempt killed anywhere still counts when the resume adds it up; a state's own "time_s" is
+    # read only from work directories of earlier versions
     timer = StageTimer(previous=resumed_times(state.get("time_s"), work / TIMER_FILE))
-    # the time spent so far, every 30 s: an attempt killed inside a stage still counts (resume adds it up)
     with TimerHeartbeat(timer, work / TIMER_FILE) if dist.is_main else contextlib.nullcontext():
         with timer.stage("load_model"):
             model, tokenizer = load_model(job.model)
@@ -263,7 +265,7 @@ def run_compress_job(job: JobConfig, log=print, dist: Dist = SINGLE) -> dict[str
                 else:
                     with timer.stage("eval_dense"):
                         dense_ppl = dense_perplexity(model, tokenizer, job.eval, device, job.compress.progress, eval_source, job.dense_cache, dist=dist)
-                    state.update({"perplexity_dense": dense_ppl, "time_s": timer.as_dict()})
+                    state["perplexity_dense"] = dense_ppl
                     save_state(work, state)
                 log(f"capllm: dense perplexity {dense_ppl['value']:.3f} on {eval_source.name}:{eval_source.split} ({dense_ppl['windows']} of {dense_ppl['windows_available']} windows × {dense_ppl['seqlen']} tokens){' [cached]' if dense_ppl.get('cached') else ''}")
         gen_prompts = gen_ref = None
@@ -275,8 +277,6 @@ def run_compress_job(job: JobConfig, log=print, dist: Dist = SINGLE) -> dict[str
             with timer.stage("generation_dense"):
                 gen_ref = dense_reference(model, gen_prompts, job.generation, device, job.dense_cache)
         result = compress(model, tokenizer, dataclasses.replace(job.compress, work_dir=str(work / "compress")), timer, dist=dist)
-        state["time_s"] = timer.as_dict()
-        save_state(work, state)
         ppl = None
         if job.evaluate:
             with timer.stage("eval"):

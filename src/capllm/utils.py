@@ -246,7 +246,8 @@ class TimerHeartbeat:
 
 
 def resumed_times(state_times: dict[str, float] | None, heartbeat: str | os.PathLike) -> dict[str, float] | None:
-    """The times an interrupted attempt left: its heartbeat when that is later than the state's record."""
+    """The times an interrupted attempt left: its heartbeat, or (a work directory of an earlier
+    version, which recorded times in its state) whichever of the two is later."""
     p = Path(heartbeat)
     try:
         beat = json.loads(p.read_text()) if p.exists() else None
