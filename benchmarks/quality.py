@@ -77,7 +77,7 @@ def main() -> None:
         rows.append({"model": r["model"]["name"], "method": r["method"], "ratio": r.get("ratio"), "options": changed(r), "perplexity": ppl,
                      f"vs_{a.reference}": None if base is None else ppl / base, "compress_s": (r.get("time_s") or {}).get("compress"),
                      "lowrank_share": lowrank_share(r), "safety": safety(r), "peak_rss_mb": r.get("peak_rss_mb"),
-                     "capllm_commit": (r.get("environment") or {}).get("git_commit"), "date": r.get("date"), "file": r["_file"],
+                     "capllm_commit": (r.get("environment") or {}).get("capllm_commit"), "date": r.get("date"), "file": r["_file"],
                      "protocol": dict(zip(("model", "ratio", "dataset", "split", "seqlen", "windows", "calib", "nsamples", "calib_seqlen", "seed"), protocol(r)))})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality.json").write_text(json.dumps(rows, indent=1))

@@ -333,11 +333,11 @@ def main() -> None:
         print(doc["tables_md"])
         return
     rounds = []
-    if not specs:
-        write_doc(doc, out, [], a.rounds)
-    for _ in range(a.rounds):  # the whole list per round, so drift on a shared machine hits every model alike
+    for _ in range(a.rounds if specs else 0):  # the whole list per round, so drift on a shared machine hits every model alike
         rounds.append([model_row(src, ex, sd, a.new_tokens, a.repeats, label, a.device, a.prefill_repeats) for src, ex, sd, label in specs])
         write_doc(doc, out, rounds, a.rounds)  # after every round: an interrupted run keeps what it measured
+    if not rounds:  # kernels only
+        write_doc(doc, out, [], a.rounds)
     print(doc["tables_md"])
 
 

@@ -59,6 +59,7 @@ class CapRun:
         self.ctx, self.o, self.store = ctx, o, store
         self.handles = {h.name: h for h in ctx.linears}
         self.s1: Path | None = None
+        self._block_scale: dict[int, float] | None = None  # set by calibrate()
 
     def _on_main(self, work, stage: str):
         """Run ``work()`` on rank 0 only (it writes per-model files); every rank then reads the
@@ -195,8 +196,7 @@ class CapRun:
 
     def load_key(self, k: int) -> torch.Tensor:
         key = self.store.key(self.ctx.linears[k].name)
-        scale = getattr(self, "_block_scale", None)
-        return key if scale is None else key * scale[self.ctx.linears[k].block_index]
+        return key if self._block_scale is None else key * self._block_scale[self.ctx.linears[k].block_index]
 
     # --- per-block calibration of the scores --------------------------------------------------------
     def calibrate(self, ratio: float, windows: torch.Tensor | None) -> dict:
@@ -301,12 +301,15 @@ class CapRun:
         store = self.store
         if (done := store.stage("select")) is not None:
             return done
-        self._segs = segs = self.segments()
+        self._segs = self.segments()
         rows, store_keep = self.keep_writer()
-        for k, h in enumerate(self.ctx.linears):
-            key = self.load_key(k)
-            store_keep(k, greedy_fill(key, _costs(segs[k]), int((1.0 - ratio) * h.numel)))
+        self._fill_uniform(ratio, store_keep)
         return self._finish_select({}, rows, self.budget(ratio))
+
+    def _fill_uniform(self, ratio: float, store_keep) -> None:
+        """Every matrix filled greedily by its own keys to its own share ``⌊(1 − ρ) m n⌋``."""
+        for k, h in enumerate(self.ctx.linears):
+            store_keep(k, greedy_fill(self.load_key(k), _costs(self._segs[k]), int((1.0 - ratio) * h.numel)))
 
     def select_split(self, budget: int, dir_budget: int) -> dict:
         """``rpca-threshold``: directions by σ within ``dir_budget``, then entries by |S|."""
@@ -366,13 +369,12 @@ class CapRun:
 
     def _alternative(self, alt: str, ratio: float) -> None:
         """Write the masks of allocation ``alt`` as the candidate mask set ``keep-<alt>``."""
-        self._segs = segs = self.segments()
+        self._segs = self.segments()
         _, store_keep = self.keep_writer(kind=f"keep-{alt}")
         if alt == "block":
             self._select_blocks(ratio, store_keep)
-            return
-        for k, h in enumerate(self.ctx.linears):
-            store_keep(k, greedy_fill(self.load_key(k), _costs(segs[k]), int((1.0 - ratio) * h.numel)))
+        else:
+            self._fill_uniform(ratio, store_keep)
 
     def _guard_losses(self, ratio: float, windows: torch.Tensor, against: tuple[str, ...]) -> dict:
         from capllm.allocate.guard import masked_loss

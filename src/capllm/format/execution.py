@@ -193,11 +193,11 @@ def choose_layout(S: torch.Tensor | BitmaskMatrix, policy: str = "auto", value_d
         packed, (m, n), nnz, device, dtype = None, S.shape, int((S != 0).sum()), S.device, S.dtype
         dense = lambda: S  # noqa: E731
         vdt = value_dtype or S.dtype
+    if policy in ("dense", "csr"):
+        return forced_layout(policy, (m, n), nnz, device)
     density = nnz / (m * n)
     threads = torch.get_num_threads() if device.type == "cpu" else None
     decision = _base_decision(policy, density, device)
-    if policy in ("dense", "csr"):
-        return forced_layout(policy, (m, n), nnz, device)
     backend = kernel_backend(device)
     if policy == "kernel":
         why = "forced by policy kernel" + ("" if backend else f" (no kernel here: {kernel_unavailable_reason(device)}; runs by unpacking)")

@@ -24,19 +24,21 @@ import torch
 from capllm.errors import CapllmError
 
 
-def damped_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(L, dead, attempt)``: the lower Cholesky factor of ``H + δ·10^attempt·I`` (``H`` float32,
-    dead inputs ``H_jj = 0`` set to 1 first), ``δ = percdamp × mean diag H``, with the smallest
-    ``attempt ≤ 5`` that makes it positive definite."""
-    H = H.clone().float()
-    n = H.shape[0]
-    dead = torch.diag(H) == 0
+def damped(H: torch.Tensor, percdamp: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H + δ·scale·I, dead)`` as a new float32 matrix: dead inputs (``H_jj = 0``) set to 1 first,
+    ``δ = percdamp × mean diag H`` (SparseGPT's damping)."""
+    H = H.float().clone()
+    dead = H.diagonal() == 0
     H[dead, dead] = 1
-    damp = percdamp * torch.mean(torch.diag(H))
-    idx = torch.arange(n, device=H.device)
+    H.diagonal().add_(percdamp * H.diagonal().mean() * scale)
+    return H, dead
+
+
+def damped_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(L, dead, attempt)``: the lower Cholesky factor of :func:`damped` ``H`` at damping
+    ``δ·10^attempt``, with the smallest ``attempt ≤ 5`` that makes it positive definite."""
     for attempt in range(6):
-        Hd = H.clone()
-        Hd[idx, idx] += damp * (10**attempt)
+        Hd, dead = damped(H, percdamp, 10.0**attempt)
         L, bad = torch.linalg.cholesky_ex(Hd)
         if bad == 0:
             return L, dead, attempt

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from capllm.solvers.obs import damped
+
 
 def support_objective(W: torch.Tensor, R: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Per-row ``(w_i − r_i) H (w_i − r_i)ᵀ`` (float64, ``(m,)``)."""
@@ -37,10 +39,7 @@ def refine_on_support(W0: torch.Tensor, R: torch.Tensor, H: torch.Tensor, mask: 
     if iters <= 0 or not bool(mask.any()):
         return W
     M = mask.to(torch.float32)
-    H = H.float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    H.diagonal().add_(percdamp * H.diagonal().mean())
+    H, dead = damped(H, percdamp)
     M[:, dead] = 0
     W *= M
     Rt = R.float().clone()
