@@ -139,8 +139,10 @@ def test_obs_scores_and_the_guard_run_on_every_architecture(arch, tmp_path):
 def test_bad_allocation_options_are_one_line_errors(bad, match):
     from capllm.errors import CapllmError
 
-    with pytest.raises(CapllmError, match=match):
-        get_method("cap")(0.5, None, {**OPTS, **bad}).compress_model(_ctx_held(tiny_model("llama", seed=1)))
+    with pytest.raises(CapllmError, match=match):  # when the method is built: before any work
+        get_method("cap")(0.5, None, {**OPTS, **bad})
+    with pytest.raises(CapllmError, match="cg_iters"):
+        get_method("sparsegpt")(0.5, None, {"cg_iters": "-1"})
 
 
 def test_support_cg_reaches_the_exact_least_squares_optimum_of_every_row():

@@ -212,9 +212,12 @@ class Cap(Method):
         o = self.options
         return o.guard_windows if (o.guard != "none" or o.calibrate != "none") else 0
 
+    def __init__(self, ratio: float, structure=None, options: dict | None = None) -> None:
+        super().__init__(ratio, structure, options)
+        _check_options(self.options)  # a wrong option fails before any work is done
+
     def compress_model(self, ctx) -> None:
         o = self.options
-        _check_options(o)
         if ctx.calibration is None:
             raise CapllmError("cap needs calibration data")
         if ctx.dist.enabled and o.steps > 0:
@@ -316,9 +319,12 @@ class CapUniform(Method):
     Options = CapOptions
     distributed = True
 
+    def __init__(self, ratio: float, structure=None, options: dict | None = None) -> None:
+        super().__init__(ratio, structure, options)
+        _check_options(self.options)  # a wrong option fails before any work is done
+
     def compress_model(self, ctx) -> None:
         o = self.options
-        _check_options(o)
         with open_store(ctx) as store:
             run = CapRun(ctx, o, store)
             run.stage1()

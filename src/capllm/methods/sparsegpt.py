@@ -28,8 +28,6 @@ class _SparseGPTCompressor(StatsCompressor):
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         o = self.method.options
         W, keep, info = sparsegpt_prune(weight, self.stats.gram, self.method.ratio, self.method.structure, o.blocksize, o.percdamp)
-        if o.cg_iters < 0:
-            raise CapllmError(f"sparsegpt option cg_iters={o.cg_iters}: must be ≥ 0")
         if o.cg_iters:
             W = refine_on_support(W * keep, weight, self.stats.gram, keep, o.cg_iters, o.percdamp)
             info = {**info, "cg_iters": o.cg_iters}
@@ -47,6 +45,11 @@ class SparseGPT(Method):
         blocksize: int = 128
         percdamp: float = 0.01
         cg_iters: int = 0
+
+    def __init__(self, ratio: float, structure=None, options: dict | None = None) -> None:
+        super().__init__(ratio, structure, options)
+        if self.options.cg_iters < 0:  # before any work is done
+            raise CapllmError(f"sparsegpt option cg_iters={self.options.cg_iters}: must be ≥ 0")
 
     def layer_compressor(self, handle):
         return _SparseGPTCompressor(handle.shape[1], handle.module.weight.device, self)
