@@ -44,11 +44,16 @@ def _tensors(out: Path) -> dict[str, torch.Tensor]:
     return got
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_two_ranks_give_the_one_process_result(tiny_model_dir, text_file, tmp_path, method):
+TUNE = ["--option", "tune_epochs=2", "--option", "tune_hold_out=4", "--option", "tune_batch=2", "--option", "tune_lr=1e-4"]
+
+
+@pytest.mark.parametrize("method,extra", [("wanda", []), ("sparsegpt", []), ("sparsegpt", TUNE)], ids=["wanda", "sparsegpt", "sparsegpt-tuned"])
+def test_two_ranks_give_the_one_process_result(tiny_model_dir, text_file, tmp_path, method, extra):
+    """``sparsegpt-tuned``: block tuning's batches straddle the ranks (windows 0–1 on rank 0,
+    2–3 on rank 1, batches of 2 in a seeded order), its gradients summed over them."""
     runs = {}
     for n in (1, 2):
-        proc = _compress(tiny_model_dir, text_file, tmp_path / f"n{n}", method, n)
+        proc = _compress(tiny_model_dir, text_file, tmp_path / f"n{n}", method, n, extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[n] = json.loads((tmp_path / f"n{n}" / "result.json").read_text())
     one, two = runs[1], runs[2]

@@ -152,6 +152,24 @@ def test_layerwise_method_resumes_too(setup, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
+def test_block_tuning_resumes_with_its_dense_stream(setup, tmp_path, monkeypatch):
+    """Tuning towards dense targets keeps a second activation stream; a run killed after a
+    block resumes from both streams to the bit-identical result."""
+    root, _ = setup
+    monkeypatch.setenv("CAPLLM_CACHE", str(tmp_path / "cache"))
+    tune = ["--option", "tune_epochs=2", "--option", "tune_hold_out=3", "--option", "tune_batch=1"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert _run_child(_args(root / "model", root / "text.txt", ref, "sparsegpt") + tune, None) == 0
+    argv = _args(root / "model", root / "text.txt", out, "sparsegpt") + tune
+    assert _run_child(argv, ("capllm.engine.checkpoint", "PassCheckpoint.mark", 2)) == 137
+    assert list((out.parent / f"{out.name}.work").rglob("dense_0000.safetensors"))  # the dense stream was saved with block 0
+    assert _run_child(argv, None) == 0
+    assert _numbers(out) == _numbers(ref)
+    assert "block_tune" in json.dumps(_numbers(out)["layers"])
+    a, b = _tensors(out), _tensors(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
 def test_resume_dir_alone_continues_the_run(setup, tmp_path, monkeypatch):
     """``capllm compress --resume OUT`` needs nothing else: it continues with the interrupted
     run's own arguments and gives the same result."""

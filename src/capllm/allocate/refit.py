@@ -85,19 +85,22 @@ class _RefitPass:
     name = "cap-refit"
     needs_calibration = True
 
-    def __init__(self, decide: Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0) -> None:
+    def __init__(self, decide: Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0, tune=None) -> None:
         self.decide, self.blocksize, self.percdamp, self.iters = decide, blocksize, percdamp, iters
+        self.block_tune = tune  # the engine trains each refitted block on its output (capllm.engine.block_tune)
 
     def layer_compressor(self, handle):
         return _RefitCompressor(handle.shape[1], handle.module.weight.device, self.decide(handle.name), self.blocksize, self.percdamp, self.iters)
 
 
-def refit_layerwise(ctx, decisions: dict[str, Decision] | Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0) -> None:
+def refit_layerwise(ctx, decisions: dict[str, Decision] | Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0,
+                    tune=None) -> None:
     """Apply ``decisions`` (a dict, or a function of the linear's name) to ``ctx.model`` block by
     block with OBS-refitted sparse values (and ``iters`` CG steps towards the exact optimum on
-    the support); resumable through the run's work directory.
+    the support; with ``tune`` a :class:`~capllm.engine.block_tune.BlockTune`, each block's
+    kept values are then trained on its output); resumable through the run's work directory.
 
     The model's linear weights must hold the original dense ``W`` when this is called.
     """
     decide = decisions.__getitem__ if isinstance(decisions, dict) else decisions
-    run_layerwise(ctx, _RefitPass(decide, blocksize, percdamp, iters), checkpoint=ctx.checkpoint("cap-refit"), desc="CAP refit: blocks")
+    run_layerwise(ctx, _RefitPass(decide, blocksize, percdamp, iters, tune), checkpoint=ctx.checkpoint("cap-refit"), desc="CAP refit: blocks")

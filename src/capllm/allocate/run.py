@@ -409,11 +409,11 @@ class CapRun:
         mask = torch.zeros(p.shape, dtype=torch.bool) if S is None else S != 0
         return Decision(U, V, S, mask)
 
-    def apply(self, refit: str, iters: int = 0) -> None:
+    def apply(self, refit: str, iters: int = 0, tune=None) -> None:
         ctx = self.ctx
         with ctx.timer.stage("refit" if refit != "none" else "apply"):
             if refit == "obs":
-                refit_layerwise(ctx, self.decision, iters=iters)
+                refit_layerwise(ctx, self.decision, iters=iters, tune=tune)
                 return
             for h in ctx.linears:
                 d = self.decision(h.name)

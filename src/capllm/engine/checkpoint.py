@@ -38,6 +38,9 @@ from capllm.errors import CapllmError
 from capllm.utils import write_json_atomic
 
 
+STREAMS = ("hidden", "dense")  # the activation streams a pass can keep between blocks
+
+
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """``safetensors`` file written to a temporary name and renamed (readers never see half a file)."""
     path = Path(path)
@@ -137,24 +140,28 @@ class PassCheckpoint:
             parts.setdefault(name, {})[part] = t
         return parts
 
-    def _hidden_path(self, i: int) -> Path:
+    def _hidden_path(self, i: int, stream: str = "hidden") -> Path:
         d = self.dist
         if d is not None and d.enabled:  # a resume must use the same number of ranks (checked in load_hidden)
-            return self.dir / f"hidden_{i:04d}.rank{d.rank}of{d.world}.safetensors"
-        return self.dir / f"hidden_{i:04d}.safetensors"
+            return self.dir / f"{stream}_{i:04d}.rank{d.rank}of{d.world}.safetensors"
+        return self.dir / f"{stream}_{i:04d}.safetensors"
 
     def drop_hidden(self, i: int) -> None:
-        """Remove this process's inputs of block ``i + 1`` (superseded once block ``i + 1`` is marked done)."""
+        """Remove this process's inputs of block ``i + 1`` (superseded once block ``i + 1`` is marked
+        done), of every stream."""
         if i >= 0:
-            self._hidden_path(i).unlink(missing_ok=True)
+            for stream in STREAMS:
+                self._hidden_path(i, stream).unlink(missing_ok=True)
 
-    def save_hidden(self, i: int, hidden: list[torch.Tensor]) -> None:
-        save_tensors_atomic(self._hidden_path(i), {"hidden": torch.stack(hidden)})
+    def save_hidden(self, i: int, hidden: list[torch.Tensor], stream: str = "hidden") -> None:
+        """The inputs of block ``i + 1``: ``hidden`` is the compressed model's stream, ``dense``
+        the dense model's (kept only for block tuning towards dense targets)."""
+        save_tensors_atomic(self._hidden_path(i, stream), {"hidden": torch.stack(hidden)})
 
-    def load_hidden(self, i: int) -> list[torch.Tensor]:
-        path = self._hidden_path(i)
+    def load_hidden(self, i: int, stream: str = "hidden") -> list[torch.Tensor]:
+        path = self._hidden_path(i, stream)
         if not path.exists():
-            others = sorted(p.name for p in self.dir.glob(f"hidden_{i:04d}*"))
+            others = sorted(p.name for p in self.dir.glob(f"{stream}_{i:04d}*"))
             if others and others[0] != path.name:
                 raise CapllmError(f"{self.dir} was written by a run on another number of processes ({others[0]}): resume with the same torchrun --nproc-per-node, or remove the work directory {self.dir.parent}")
             raise CapllmError(f"{path} is missing although {self.state_path} says block {i} is done: remove the work directory {self.dir.parent} to start over")

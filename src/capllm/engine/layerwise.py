@@ -149,6 +149,23 @@ def map_finished_block(handles: list, parts: dict[str, dict[str, torch.Tensor]])
     return moved
 
 
+def _tune(ctx, block, i: int, handles: list, results: dict, hidden, targets, run_block, global_ids, n_total: int, tune, device, compute) -> None:
+    """Block tuning (:mod:`capllm.engine.block_tune`) of block ``i``, in fp32 whatever the compute
+    dtype; the trained values go back into ``results`` (what the checkpoint saves) and the
+    record onto the block's first linear."""
+    from capllm.engine.block_tune import read_back, tune_block
+
+    if compute != torch.float32:
+        block_to(block, device, torch.float32)
+    record = tune_block(block, handles, results, hidden, targets, lambda s, x: run_block(s, x, torch.float32), global_ids, n_total, tune, i, ctx.dist)
+    if compute != torch.float32:
+        block_to(block, device, compute)
+    read_back(handles, results)
+    first = next((h for h in handles if results.get(h.name) is not None), None)
+    if first is not None:
+        ctx.records[first.name].info["block_tune"] = record
+
+
 @torch.no_grad()
 def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "PassCheckpoint | None" = None,
                   on_block_inputs: "Callable[[int, list[torch.Tensor]], None] | None" = None, desc: str | None = None) -> None:
@@ -170,6 +187,9 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
     modifies = getattr(method, "modifies_weights", True)
     finish = getattr(method, "finish_block", None)
     label = desc or f"{method.name}: blocks"
+    tune = getattr(method, "block_tune", None)
+    tune = tune if modifies and tune is not None and tune.active else None
+    dense_stream = tune is not None and tune.target == "dense"
 
     if not method.needs_calibration:
         for h in tqdm(ctx.linears, desc=f"{method.name}: layers", disable=not ctx.progress):
@@ -183,6 +203,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
     storage = torch.device("cpu")
     dist = ctx.dist
     windows = ctx.calibration.windows
+    global_ids = list(range(len(windows)))[dist.shard(len(windows))] if dist.enabled else list(range(len(windows)))
     if dist.enabled:  # data parallel: this rank's contiguous share of the windows
         if finish is not None and not getattr(method, "distributed_finish", False):
             raise CapllmError(f"method {method.name} cannot run on several processes yet: run it without torchrun")
@@ -194,6 +215,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
         inputs = capture_block_inputs(model, blocks, windows, device, storage)
     n = len(inputs.hidden)
     inputs.hidden = [x.to(compute) for x in inputs.hidden]
+    dense_hidden = [x.clone() for x in inputs.hidden] if dense_stream else None
     start = 0
     if checkpoint is not None and (done := checkpoint.done()) >= 0:
         for i in range(done + 1):
@@ -204,6 +226,8 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
                 map_finished_block(by_block.get(i, []), checkpoint.map_block(i))
         if done + 1 < len(blocks):
             inputs.hidden = checkpoint.load_hidden(done)
+            if dense_stream:
+                dense_hidden = checkpoint.load_hidden(done, "dense")
         start = done + 1
         if ctx.progress and start:
             print(f"capllm: {label.split(':')[0]}: resuming after block {done} of {len(blocks)} ({checkpoint.dir})", file=sys.stderr)
@@ -214,8 +238,13 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
         keep_dtype = stored_dtype(block)
         block_to(block, device, compute)
         args, kwargs = inputs.per_block[i]
+
+        def run_block(s, x, dtype=compute):
+            return _block_output(block(x.to(device, dtype), *cast_floats(args[s], device, dtype), **cast_floats(kwargs[s], device, dtype)))
+
         if on_block_inputs is not None:
             on_block_inputs(i, inputs.hidden)
+        targets = [run_block(s, dense_hidden[s]).to(storage) for s in range(n)] if dense_stream else None
         handles = by_block.get(i, [])
         comps = {h.name: method.layer_compressor(h) for h in handles}
         hooks = [
@@ -229,6 +258,8 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
                 if not modifies:
                     _check_finite(out, f"block {i}")
                     outs.append(out.to(storage))
+                elif tune is not None and not dense_stream:  # local targets: the dense block on these inputs
+                    outs.append(out.to(storage))
         finally:
             for hk in hooks:
                 hk.remove()
@@ -239,6 +270,14 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
             for h in handles:
                 if results.get(h.name) is not None:
                     ctx.apply(h, results[h.name])
+            if tune is not None:
+                targets = targets if dense_stream else outs
+                with ctx.timer.stage("block_tune"):
+                    _tune(ctx, block, i, handles, results, inputs.hidden, targets, run_block, global_ids, len(ctx.calibration.windows), tune, device, compute)
+                outs = []
+                if dense_stream:
+                    dense_hidden = targets
+                del targets
             for s in range(n):
                 out = _block_output(block(inputs.hidden[s].to(device), *cast_floats(args[s], device, compute), **cast_floats(kwargs[s], device, compute)))
                 _check_finite(out, f"block {i}")
@@ -252,6 +291,8 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
             # every rank's share of the next inputs first; then rank 0's block file and state
             if i + 1 < len(blocks):
                 checkpoint.save_hidden(i, inputs.hidden)
+                if dense_stream:
+                    checkpoint.save_hidden(i, dense_hidden, "dense")
             dist.barrier()
             if modifies and dist.is_main:
                 done_w = {h.name: results[h.name] for h in handles if results.get(h.name) is not None}

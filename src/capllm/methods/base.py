@@ -111,6 +111,16 @@ class Method:
         self.ratio = ratio
         self.structure = structure
         self.options = make_options(self.Options, options or {}, self.name)
+        if self.block_tune is not None:
+            self.block_tune.check(self.name)
+
+    @property
+    def block_tune(self):
+        """The block tuning the engine runs after each block (:mod:`capllm.engine.block_tune`):
+        built from the ``tune_*`` options of methods whose ``Options`` mix in
+        :class:`~capllm.engine.block_tune.BlockTuneOptions`; ``None`` for the others."""
+        make = getattr(self.options, "block_tune", None)
+        return make(getattr(self.options, "seed", 0)) if make is not None else None
 
     def layer_compressor(self, handle: "LinearHandle") -> LayerCompressor:
         raise NotImplementedError(f"{self.name} is not a layer-wise method")

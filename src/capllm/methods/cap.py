@@ -34,7 +34,9 @@ Our additions, each an option (off by default until measured; BENCHMARKS.md, CAP
   like with like across blocks;
 * ``scope=block`` — the ranking inside each block, every block at its own share;
 * ``guard=…`` — the chosen allocation against ``uniform`` / ``block`` on held-out windows;
-* ``refit_iters`` — CG steps from the OBS values to the exact least-squares values on the support.
+* ``refit_iters`` — CG steps from the OBS values to the exact least-squares values on the support;
+* ``tune_epochs`` — after each block's refit, Adam on the block's output over its kept values
+  (:mod:`capllm.engine.block_tune`), towards the dense model's block output.
 
 Also here, the paper's two ablations on the same pools:
 
@@ -57,12 +59,13 @@ from capllm.allocate.pools import CandidatePools, MatrixPool
 from capllm.allocate.run import CapRun, open_store
 from capllm.allocate.scores import initial_probabilities
 from capllm.allocate.stage1 import Stage1Options
+from capllm.engine.block_tune import BlockTuneOptions
 from capllm.errors import CapllmError
 from capllm.methods.base import Method, register
 
 
 @dataclass(frozen=True)
-class CapOptions(Stage1Options):
+class CapOptions(Stage1Options, BlockTuneOptions):
     # initial scores
     score: str = "fisher"  # fisher | activation | magnitude | constant
     normalize: str = "auto"  # matrix | none | auto (none for fisher, whose scores are in loss units; else matrix)
@@ -121,6 +124,8 @@ def _check_options(o) -> None:
         raise CapllmError(f"cap option entry_score={o.entry_score!r}: use kfac or obs")
     if getattr(o, "entry_score", "kfac") == "obs" and getattr(o, "score", "") not in ("fisher", "activation"):
         raise CapllmError(f"cap option entry_score=obs needs score=fisher or activation (it reprices the input statistic), not {o.score}")
+    if getattr(o, "tune_epochs", 0) > 0 and getattr(o, "refit", "none") != "obs":
+        raise CapllmError(f"cap option tune_epochs={o.tune_epochs} trains the values the refit writes: it needs refit=obs")
     if getattr(o, "refit", "none") not in ("obs", "none"):
         raise CapllmError(f"cap option refit={o.refit!r}: use obs or none")
     if getattr(o, "loss", "lm") not in ("lm", "recon"):
@@ -237,7 +242,7 @@ class Cap(Method):
             guard = None
             if o.guard != "none":
                 sel, guard = run.guard(sel, self.ratio, ctx.calibration.held_out, _guard_against(o))
-            run.apply(o.refit, o.refit_iters)
+            run.apply(o.refit, o.refit_iters, self.block_tune)
             ctx.extra.update({"budget": sel["budget"], "pools": sel["pools"], "allocation": sel["allocation"], "policy": policy,
                               **({"selection": sel["selection"]} if sel.get("selection") else {}), **({"guard": guard} if guard else {}),
                               **({"calibration": calibration} if calibration else {})})
@@ -332,7 +337,7 @@ class CapUniform(Method):
             run.scores(o.score, _normalize(o))
             with ctx.timer.stage("stage2_final"):
                 sel = run.select_per_matrix(self.ratio)
-            run.apply(o.refit, o.refit_iters)
+            run.apply(o.refit, o.refit_iters, self.block_tune)
             ctx.extra.update({"budget": {"target": sel["budget"]["target"], "achieved": sel["budget"]["achieved"]}, "pools": sel["pools"],
                               "allocation": sel["allocation"]})
 

@@ -7,7 +7,9 @@ the input statistics it needs (``E[x xᵀ]``) and its options.
 ``cg_iters > 0`` (our addition, off by default: the paper's method is 0) follows the pass with
 conjugate-gradient steps to the exact least-squares values on the support it chose
 (:func:`capllm.solvers.support_lstsq.refine_on_support`) — the same step CAP's refit can take
-(``refit_iters``), so the two can be compared with and without it.
+(``refit_iters``), so the two can be compared with and without it. ``tune_epochs > 0`` (also
+ours, off by default) trains each block's kept values on its output afterwards
+(:mod:`capllm.engine.block_tune`), as CAP's refit can.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from capllm.engine.block_tune import BlockTuneOptions
 from capllm.methods.base import CompressedWeight, Method, StatsCompressor, register
 from capllm.errors import CapllmError
 from capllm.solvers.obs import sparsegpt_prune
@@ -41,7 +44,7 @@ class SparseGPT(Method):
     supports_structure = True
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(BlockTuneOptions):
         blocksize: int = 128
         percdamp: float = 0.01
         cg_iters: int = 0
