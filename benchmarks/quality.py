@@ -3,8 +3,9 @@
 Each row is one cell: model, method, the options that differ from the method's defaults,
 perplexity, its ratio to the reference method's cell of the same model, ratio and protocol
 (``--reference``, default ``sparsegpt``), compression time, the share of the budget spent on
-singular directions (``Σ r (m + n) / kept``), and for CAP what the allocation safety did (the
-guard's held-out losses and choice, the per-block calibration factors). Cells of different
+singular directions (``Σ r (m + n) / kept``), for CAP what the allocation safety did (the
+guard's held-out losses and choice, the per-block calibration factors), and what block tuning
+did (``tune_epochs``: the held-out block-output error it removed). Cells of different
 protocols (dataset, windows, seqlen, calibration) are never compared: the reference must match.
 
     python benchmarks/quality.py benchmarks/results/quality/*/*.json --out benchmarks/results/quality
@@ -62,6 +63,17 @@ def safety(r: dict) -> str:
     return "; ".join(out)
 
 
+def tuning(r: dict) -> str:
+    """Block tuning's effect, from each block's record: the mean relative drop of the held-out
+    block-output error, and how many blocks kept epoch 0 (no change)."""
+    recs = [x["block_tune"] for x in r.get("layers") or [] if isinstance(x.get("block_tune"), dict)]
+    if not recs:
+        return ""
+    drops = [1 - b["held_out_after"] / b["held_out_before"] for b in recs if b["held_out_before"] > 0]
+    kept0 = sum(b["kept_epoch"] == 0 for b in recs)
+    return f"held-out block error −{100 * sum(drops) / len(drops):.1f} % (mean of {len(recs)} blocks; {kept0} unchanged)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path)
@@ -76,18 +88,18 @@ def main() -> None:
         base = ref.get(protocol(r))
         rows.append({"model": r["model"]["name"], "method": r["method"], "ratio": r.get("ratio"), "options": changed(r), "perplexity": ppl,
                      f"vs_{a.reference}": None if base is None else ppl / base, "compress_s": (r.get("time_s") or {}).get("compress"),
-                     "lowrank_share": lowrank_share(r), "safety": safety(r), "peak_rss_mb": r.get("peak_rss_mb"),
+                     "lowrank_share": lowrank_share(r), "safety": safety(r), "tuning": tuning(r), "peak_rss_mb": r.get("peak_rss_mb"),
                      "capllm_commit": (r.get("environment") or {}).get("capllm_commit"), "date": r.get("date"), "file": r["_file"],
                      "protocol": dict(zip(("model", "ratio", "dataset", "split", "seqlen", "windows", "calib", "nsamples", "calib_seqlen", "seed"), protocol(r)))})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality.json").write_text(json.dumps(rows, indent=1))
-    lines = [f"| model | method | ratio | options | perplexity | ÷ {a.reference} | compress s | low-rank share | allocation safety |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model | method | ratio | options | perplexity | ÷ {a.reference} | compress s | low-rank share | allocation safety | block tuning |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         vs, lr, t = x[f"vs_{a.reference}"], x["lowrank_share"], x["compress_s"]
         vs_s = "" if vs is None else f"{vs:.3f}"
         t_s = "" if t is None else f"{t:.0f}"
         lr_s = "" if lr is None else f"{100 * lr:.2f} %"
-        lines.append(f"| {x['model']} | {x['method']} | {x['ratio']} | {x['options']} | {x['perplexity']:.2f} | {vs_s} | {t_s} | {lr_s} | {x['safety']} |")
+        lines.append(f"| {x['model']} | {x['method']} | {x['ratio']} | {x['options']} | {x['perplexity']:.2f} | {vs_s} | {t_s} | {lr_s} | {x['safety']} | {x['tuning']} |")
     (a.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
