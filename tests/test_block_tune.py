@@ -69,7 +69,7 @@ def test_tuning_recovers_a_planted_model_on_its_support():
         _sparsify(model, torch.Generator().manual_seed(0))
         planted = _proj(model)
         ctx = CompressionContext(model, random_calibration(n=16, L=32), torch.device("cpu"), progress=False)
-        run_layerwise(ctx, _NoisyOnSupport(BlockTune(epochs=epochs, lr=3e-4, batch=2, hold_out=4)))
+        run_layerwise(ctx, _NoisyOnSupport(BlockTune(epochs=epochs, lr=1.5e-2, batch=2, hold_out=4)))
         got[epochs] = (_proj(model), ctx)
     (noisy, _), (tuned, ctx) = got[0], got[40]
     recs = [r.info["block_tune"] for r in ctx.records.values() if "block_tune" in r.info]
@@ -90,7 +90,7 @@ def test_a_planted_model_is_not_changed_when_no_epoch_helps():
     _sparsify(model, torch.Generator().manual_seed(0))
     planted = _proj(model)
     ctx = CompressionContext(model, random_calibration(n=8, L=32), torch.device("cpu"), progress=False)
-    run_layerwise(ctx, _NoisyOnSupport(BlockTune(epochs=2, lr=1e-2, batch=2, hold_out=4), noise=0.0))
+    run_layerwise(ctx, _NoisyOnSupport(BlockTune(epochs=2, lr=0.5, batch=2, hold_out=4), noise=0.0))
     recs = [r.info["block_tune"] for r in ctx.records.values() if "block_tune" in r.info]
     assert all(r["kept_epoch"] == 0 and r["held_out_before"] < 1e-10 for r in recs)
     for k, v in _proj(model).items():
@@ -108,7 +108,7 @@ def test_sparsegpt_with_tuning_keeps_its_masks_and_lowers_every_block_error(arch
     for epochs in (0, 4):
         model = tiny_model(arch)
         ctx = CompressionContext(model, random_calibration(n=16, L=32), torch.device("cpu"), progress=False)
-        get_method("sparsegpt")(0.5, None, {"tune_epochs": str(epochs), "tune_lr": "1e-4", "tune_batch": "2", "tune_target": target,
+        get_method("sparsegpt")(0.5, None, {"tune_epochs": str(epochs), "tune_lr": "5e-3", "tune_batch": "2", "tune_target": target,
                                             "tune_hold_out": "4"}).compress_model(ctx)
         runs[epochs] = (_proj(model), ctx)
     (plain, c0), (tuned, c1) = runs[0], runs[4]
@@ -144,7 +144,7 @@ def test_cap_with_tuning_trains_factors_and_sparse_values_on_their_support():
         model = tiny_model("llama")
         _plant_low_rank(model, torch.Generator().manual_seed(1))
         ctx = CompressionContext(model, random_calibration(n=16, L=32), torch.device("cpu"), progress=False)
-        get_method("cap")(0.5, None, {**OPTS, "score": "fisher", "lam_scale": "0.3", "tune_epochs": str(epochs), "tune_lr": "1e-4",
+        get_method("cap")(0.5, None, {**OPTS, "score": "fisher", "lam_scale": "0.3", "tune_epochs": str(epochs), "tune_lr": "1e-3",
                                       "tune_batch": "2", "tune_hold_out": "4"}).compress_model(ctx)
         runs[epochs] = (copy.deepcopy(dict(model.named_parameters())), ctx)
     (p0, c0), (p1, c1) = runs[0], runs[3]

@@ -44,7 +44,7 @@ def _tensors(out: Path) -> dict[str, torch.Tensor]:
     return got
 
 
-TUNE = ["--option", "tune_epochs=2", "--option", "tune_hold_out=4", "--option", "tune_batch=2", "--option", "tune_lr=1e-4"]
+TUNE = ["--option", "tune_epochs=2", "--option", "tune_hold_out=4", "--option", "tune_batch=2", "--option", "tune_lr=5e-3"]
 
 
 @pytest.mark.parametrize("method,extra", [("wanda", []), ("sparsegpt", []), ("sparsegpt", TUNE)], ids=["wanda", "sparsegpt", "sparsegpt-tuned"])

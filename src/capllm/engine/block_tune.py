@@ -5,7 +5,8 @@ A layer-wise solve (SparseGPT's OBS pass, CAP's refit) makes each linear's *own*
 the next block sees is the block's output, in which the errors of ``q/k/v/o`` meet in the
 softmax and those of ``gate/up/down`` in the activation. After a block is compressed this step
 trains its kept values — the sparse values on their fixed support and the low-rank factors —
-to make the *block's* output match a target, by Adam on
+to make the *block's* output match a target, by Adam (each tensor's step ``lr`` times the RMS of
+its kept values) on
 
     L(θ) = Σ_s ‖f_b(X̃_s; θ) − T_s‖² / Σ_s ‖T_s‖²,
 
@@ -42,7 +43,7 @@ class BlockTune:
     """How to train each block's kept values after it is compressed (``epochs = 0``: not at all)."""
 
     epochs: int = 0
-    lr: float = 1e-4
+    lr: float = 1.5e-3  # Adam's step as a fraction of each tensor's RMS
     batch: int = 4  # windows per Adam step
     target: str = "dense"  # dense | local
     hold_out: int = 8  # every hold_out-th window (by global index) is held out for the choice of epoch
@@ -65,7 +66,7 @@ class BlockTuneOptions:
     """The method options that build a :class:`BlockTune` (mixed into a method's ``Options``)."""
 
     tune_epochs: int = 0
-    tune_lr: float = 1e-4
+    tune_lr: float = 1.5e-3  # relative to each tensor's RMS
     tune_batch: int = 4
     tune_target: str = "dense"
     tune_hold_out: int = 8
@@ -94,6 +95,15 @@ def _trainable(handles: list, results: dict) -> list[tuple[nn.Parameter, torch.T
             mask = cw.mask if cw.mask is not None else torch.ones(h.shape, dtype=torch.bool)
             out.append((mod.weight, (mask.t() if h.conv1d else mask).to(mod.weight.device)))
     return out
+
+
+def _rms(p: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Root mean square of a tensor's kept values: Adam's step is ``lr`` times this, so one
+    ``tune_lr`` means the same relative step on every model (weight scales differ ~10× between
+    SmolLM2 and Gemma-3)."""
+    with torch.no_grad():
+        vals = p[mask] if mask is not None else p
+        return float(vals.float().square().mean().sqrt()) if vals.numel() else 0.0
 
 
 def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torch.Tensor], targets: list[torch.Tensor],
@@ -138,7 +148,7 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
     for p, _ in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)  # a rank with none of a batch's windows still takes part in its sum
-    opt = torch.optim.Adam([p for p, _ in params], lr=cfg.lr)
+    opt = torch.optim.Adam([{"params": [p], "lr": cfg.lr * _rms(p, mask)} for p, mask in params])
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
     try:
         for epoch in range(1, cfg.epochs + 1):
