@@ -27,7 +27,7 @@ def defaults(method: str) -> dict:
 
 
 def protocol(r: dict) -> tuple:
-    p, c = r.get("perplexity", {}), r.get("calibration") or {}
+    p, c = r.get("perplexity") or {}, r.get("calibration") or {}
     return (r["model"]["name"], r.get("ratio"), p.get("dataset"), p.get("split"), p.get("seqlen"), p.get("windows"),
             c.get("dataset"), c.get("nsamples"), c.get("seqlen"), c.get("seed"))
 
@@ -39,6 +39,10 @@ def changed(r: dict) -> str:
         base = {}
     opts = r.get("method_options") or {}
     diff = {k: v for k, v in opts.items() if k in base and base[k] != v and k != "stage1_dir"}
+    if not opts.get("tune_epochs"):  # block tuning off: its other options did nothing
+        diff = {k: v for k, v in diff.items() if not k.startswith("tune_")}
+    if r["method"] == "cap-uniform":  # it has no allocation to guard
+        diff.pop("guard", None)
     return ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) or "defaults"
 
 
@@ -81,13 +85,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     cells = [json.loads(p.read_text()) | {"_file": str(p)} for p in a.results]
-    ref = {protocol(r): r["perplexity"]["value"] for r in cells if r["method"] == a.reference and changed(r) == "defaults"}
+    ppl_of = lambda r: (r.get("perplexity") or {}).get("value")  # None: a cell run with --no-eval (e.g. for its guard record)
+    ref = {protocol(r): ppl_of(r) for r in cells if r["method"] == a.reference and changed(r) == "defaults" and ppl_of(r) is not None}
     rows = []
     for r in sorted(cells, key=lambda r: (r["model"]["name"], r.get("ratio") or 0, r["method"], changed(r))):
-        ppl = r["perplexity"]["value"]
+        ppl = ppl_of(r)
         base = ref.get(protocol(r))
         rows.append({"model": r["model"]["name"], "method": r["method"], "ratio": r.get("ratio"), "options": changed(r), "perplexity": ppl,
-                     f"vs_{a.reference}": None if base is None else ppl / base, "compress_s": (r.get("time_s") or {}).get("compress"),
+                     f"vs_{a.reference}": None if base is None or ppl is None else ppl / base, "compress_s": (r.get("time_s") or {}).get("compress"),
                      "lowrank_share": lowrank_share(r), "safety": safety(r), "tuning": tuning(r), "peak_rss_mb": r.get("peak_rss_mb"),
                      "capllm_commit": (r.get("environment") or {}).get("capllm_commit"), "date": r.get("date"), "file": r["_file"],
                      "protocol": dict(zip(("model", "ratio", "dataset", "split", "seqlen", "windows", "calib", "nsamples", "calib_seqlen", "seed"), protocol(r)))})
@@ -99,7 +104,8 @@ def main() -> None:
         vs_s = "" if vs is None else f"{vs:.3f}"
         t_s = "" if t is None else f"{t:.0f}"
         lr_s = "" if lr is None else f"{100 * lr:.2f} %"
-        lines.append(f"| {x['model']} | {x['method']} | {x['ratio']} | {x['options']} | {x['perplexity']:.2f} | {vs_s} | {t_s} | {lr_s} | {x['safety']} | {x['tuning']} |")
+        ppl_s = "–" if x["perplexity"] is None else f"{x['perplexity']:.2f}"
+        lines.append(f"| {x['model']} | {x['method']} | {x['ratio']} | {x['options']} | {ppl_s} | {vs_s} | {t_s} | {lr_s} | {x['safety']} | {x['tuning']} |")
     (a.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
