@@ -101,7 +101,7 @@ def test_guard_applies_the_alternative_of_lowest_loss(tmp_path, monkeypatch):
     from capllm.allocate import guard as guard_mod
 
     ref = {}
-    for tag, method, extra in (("global", "cap", {}), ("block", "cap", {"scope": "block"}), ("uniform", "cap-uniform", {})):
+    for tag, method, extra in (("global", "cap", {"guard": "none"}), ("block", "cap", {"scope": "block", "guard": "none"}), ("uniform", "cap-uniform", {})):
         ctx = _ctx_held(tiny_model("llama", seed=6))
         get_method(method)(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), **extra}).compress_model(ctx)
         ref[tag] = [(a["rank_kept"], a["nnz_kept"]) for a in ctx.extra["allocation"]]
@@ -115,6 +115,27 @@ def test_guard_applies_the_alternative_of_lowest_loss(tmp_path, monkeypatch):
         assert g["chosen"] == want and g["losses"] == dict(zip(("global", "block", "uniform"), losses))
         assert [(a["rank_kept"], a["nnz_kept"]) for a in ctx.extra["allocation"]] == ref[want]
         assert sum(r.kept_params for r in ctx.records.values()) == ctx.extra["budget"]["achieved"] <= ctx.extra["budget"]["target"]
+
+
+def test_the_default_guard_runs_when_there_are_held_out_windows_and_says_so_when_not(tmp_path, monkeypatch, capsys):
+    """guard=auto (the default) is guard=uniform on a run with held-out windows; without them the
+    global allocation is applied with a one-line notice and a ``skipped`` record."""
+    from capllm.allocate import guard as guard_mod
+
+    it = iter([2.0, 1.0])
+    monkeypatch.setattr(guard_mod, "masked_loss", lambda ctx, decide, windows: next(it))
+    ctx = _ctx_held(tiny_model("llama", seed=6))
+    get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1")}).compress_model(ctx)
+    assert ctx.extra["guard"]["losses"] == {"global": 2.0, "uniform": 1.0} and ctx.extra["guard"]["chosen"] == "uniform"
+    from test_cap import _ctx
+
+    ctx = _ctx(tiny_model("llama", seed=6))
+    capsys.readouterr()
+    get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1")}).compress_model(ctx)
+    assert ctx.extra["guard"]["chosen"] == "global" and "no held-out" in ctx.extra["guard"]["skipped"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "guard=auto" in err[0]
+    assert get_method("cap")(0.5, None, {}).held_out_windows == 4  # every capllm compress run draws them
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "opt-proj", "gemma3", "gpt_neox"])
