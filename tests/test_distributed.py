@@ -70,6 +70,12 @@ def test_two_ranks_give_the_one_process_result(tiny_model_dir, text_file, tmp_pa
             assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5), k
         else:
             assert torch.equal(a[k], b[k]), k  # the packed masks: identical
+    if extra:  # the tuning ran on both, to the same epochs and held-out errors
+        tuned = [[r["block_tune"] for r in run["layers"] if "block_tune" in r] for run in (one, two)]
+        assert len(tuned[0]) == len(tuned[1]) == 2 and all(t["epochs_run"] == 2 for t in tuned[1])
+        assert [t["kept_epoch"] for t in tuned[0]] == [t["kept_epoch"] for t in tuned[1]]
+        for t1, t2 in zip(*tuned):
+            assert t2["held_out_before"] == pytest.approx(t1["held_out_before"], rel=1e-5)
 
 
 def test_cap_on_two_ranks_gives_the_one_process_result(tiny_model_dir, text_file, tmp_path):

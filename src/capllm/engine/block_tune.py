@@ -65,27 +65,34 @@ class BlockTune:
 class BlockTuneOptions:
     """The method options that build a :class:`BlockTune` (mixed into a method's ``Options``)."""
 
-    tune_epochs: int = 0
-    tune_lr: float = 1.5e-3  # relative to each tensor's RMS
-    tune_batch: int = 4
-    tune_target: str = "dense"
-    tune_hold_out: int = 8
+    tune_epochs: int = BlockTune.epochs
+    tune_lr: float = BlockTune.lr  # relative to each tensor's RMS
+    tune_batch: int = BlockTune.batch
+    tune_target: str = BlockTune.target
+    tune_hold_out: int = BlockTune.hold_out
 
     def block_tune(self, seed: int = 0) -> BlockTune:
         return BlockTune(self.tune_epochs, self.tune_lr, self.tune_batch, self.tune_target, self.tune_hold_out, seed)
 
 
-def _trainable(handles: list, results: dict) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
-    """``(parameter, mask or None)`` for every kept tensor of the block's compressed linears."""
+def _compressed(handles: list, results: dict):
+    """``(handle, CompressedWeight, factored)`` for each linear of the block that was compressed;
+    ``factored``: the module is a :class:`~capllm.format.modules.LowRankSparseLinear` (``U``,
+    ``V``, ``S``), else an ordinary linear whose ``weight`` is ``S``."""
     from capllm.format.modules import LowRankSparseLinear
 
-    out = []
     for h in handles:
         cw = results.get(h.name)
-        if cw is None:
-            continue
+        if cw is not None:
+            yield h, cw, isinstance(h.module, LowRankSparseLinear)
+
+
+def _trainable(handles: list, results: dict) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
+    """``(parameter, mask or None)`` for every kept tensor of the block's compressed linears."""
+    out = []
+    for h, cw, factored in _compressed(handles, results):
         mod = h.module
-        if isinstance(mod, LowRankSparseLinear):
+        if factored:
             for name in ("U", "V"):
                 if getattr(mod, name) is not None:
                     out.append((getattr(mod, name), None))
@@ -195,14 +202,9 @@ def read_back(handles: list, results: dict) -> None:
     engine's checkpoint saves), keeping the support."""
     from dataclasses import replace
 
-    from capllm.format.modules import LowRankSparseLinear
-
-    for h in handles:
-        cw = results.get(h.name)
-        if cw is None:
-            continue
+    for h, cw, factored in list(_compressed(handles, results)):
         mod = h.module
-        if isinstance(mod, LowRankSparseLinear):
+        if factored:
             new = {k: getattr(mod, k).detach().to(getattr(cw, k).dtype).clone() for k in ("U", "V", "S")
                    if getattr(cw, k) is not None and getattr(mod, k, None) is not None}
         else:

@@ -254,7 +254,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
         outs = []
         try:
             for s in range(n):
-                out = _block_output(block(inputs.hidden[s].to(device), *cast_floats(args[s], device, compute), **cast_floats(kwargs[s], device, compute)))
+                out = run_block(s, inputs.hidden[s])
                 if not modifies:
                     _check_finite(out, f"block {i}")
                     outs.append(out.to(storage))
@@ -279,7 +279,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
                     dense_hidden = targets
                 del targets
             for s in range(n):
-                out = _block_output(block(inputs.hidden[s].to(device), *cast_floats(args[s], device, compute), **cast_floats(kwargs[s], device, compute)))
+                out = run_block(s, inputs.hidden[s])
                 _check_finite(out, f"block {i}")
                 outs.append(out.to(storage))
         block_to(block, storage, keep_dtype)
