@@ -48,10 +48,17 @@ class BlockTune:
     target: str = "dense"  # dense | local
     hold_out: int = 8  # every hold_out-th window (by global index) is held out for the choice of epoch
     seed: int = 0
+    # asked for by the user (an error when the run has too few windows) or a method's default
+    # (then skipped with a one-line notice and a record)
+    strict: bool = True
 
     @property
     def active(self) -> bool:
         return self.epochs > 0
+
+    def fits(self, n_windows: int) -> bool:
+        """Whether ``n_windows`` calibration windows leave both a training and a held-out set."""
+        return n_windows >= self.hold_out
 
     def check(self, method: str) -> None:
         if self.epochs < 0 or self.batch < 1 or self.lr <= 0 or self.hold_out < 2:
@@ -71,8 +78,8 @@ class BlockTuneOptions:
     tune_target: str = BlockTune.target
     tune_hold_out: int = BlockTune.hold_out
 
-    def block_tune(self, seed: int = 0) -> BlockTune:
-        return BlockTune(self.tune_epochs, self.tune_lr, self.tune_batch, self.tune_target, self.tune_hold_out, seed)
+    def block_tune(self, seed: int = 0, strict: bool = True) -> BlockTune:
+        return BlockTune(self.tune_epochs, self.tune_lr, self.tune_batch, self.tune_target, self.tune_hold_out, seed, strict)
 
 
 def _compressed(handles: list, results: dict):
@@ -127,7 +134,7 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
     local = {g: s for s, g in enumerate(global_ids)}
     held = [g for g in range(n_total) if g % cfg.hold_out == cfg.hold_out - 1]
     train = [g for g in range(n_total) if g % cfg.hold_out != cfg.hold_out - 1]
-    if not train or not held:
+    if not cfg.fits(n_total):
         raise CapllmError(f"block tuning needs at least {cfg.hold_out} calibration windows (tune_hold_out={cfg.hold_out}; got {n_total})")
     dev = params[0][0].device
     scale = torch.zeros((), dtype=torch.float64, device=dev)

@@ -189,6 +189,16 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
     label = desc or f"{method.name}: blocks"
     tune = getattr(method, "block_tune", None)
     tune = tune if modifies and tune is not None and tune.active else None
+    if tune is not None and not tune.fits(len(ctx.calibration.windows)):
+        why = (f"{len(ctx.calibration.windows)} calibration windows leave none held out for block tuning "
+               f"(it holds out every {tune.hold_out}th): the default block tuning is skipped; pass --nsamples ≥ {tune.hold_out} to tune")
+        if tune.strict:
+            raise CapllmError(f"block tuning needs at least {tune.hold_out} calibration windows (tune_hold_out={tune.hold_out}; "
+                              f"got {len(ctx.calibration.windows)}): pass --nsamples ≥ {tune.hold_out} or a smaller tune_hold_out")
+        if ctx.dist.rank == 0:
+            print(f"capllm: {why}", file=sys.stderr)
+        ctx.extra["block_tune"] = {"skipped": why}
+        tune = None
     dense_stream = tune is not None and tune.target == "dense"
 
     if not method.needs_calibration:

@@ -111,6 +111,7 @@ class Method:
         self.ratio = ratio
         self.structure = structure
         self.options = make_options(self.Options, options or {}, self.name)
+        self.given_options = frozenset(options or {})
         if self.block_tune is not None:
             self.block_tune.check(self.name)
 
@@ -118,9 +119,11 @@ class Method:
     def block_tune(self):
         """The block tuning the engine runs after each block (:mod:`capllm.engine.block_tune`):
         built from the ``tune_*`` options of methods whose ``Options`` mix in
-        :class:`~capllm.engine.block_tune.BlockTuneOptions`; ``None`` for the others."""
+        :class:`~capllm.engine.block_tune.BlockTuneOptions`; ``None`` for the others. Strict
+        (too few calibration windows is an error) when the user set ``tune_epochs``; a method's
+        default tuning is skipped there with a notice instead."""
         make = getattr(self.options, "block_tune", None)
-        return make(getattr(self.options, "seed", 0)) if make is not None else None
+        return make(getattr(self.options, "seed", 0), "tune_epochs" in self.given_options) if make is not None else None
 
     def layer_compressor(self, handle: "LinearHandle") -> LayerCompressor:
         raise NotImplementedError(f"{self.name} is not a layer-wise method")
