@@ -126,7 +126,8 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
 
     ``run_block(s, x)`` is the block's output for local window ``s`` on input ``x``;
     ``global_ids[s]`` is that window's index among all ``n_total`` calibration windows (of every
-    rank). Returns the record: held-out and training losses before, per epoch, and the epoch kept.
+    rank). Returns the record: the held-out loss before and after each epoch, each epoch's training
+    loss (summed while it trained: no extra forward), and the epoch kept.
     """
     params = _trainable(handles, results)
     if not params:
@@ -157,7 +158,7 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
         return float(tot[0] / tot[1].clamp_min(1e-30))
 
     best = loss_over(held)
-    record = {"held_out_before": best, "train_before": loss_over(train), "held_out": [], "kept_epoch": 0}
+    record = {"held_out_before": best, "held_out": [], "train": [], "kept_epoch": 0}
     snapshot = [p.detach().clone() for p, _ in params]
     for p, _ in params:
         p.requires_grad_(True)
@@ -167,6 +168,7 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
     try:
         for epoch in range(1, cfg.epochs + 1):
             order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
+            running = torch.zeros((), dtype=torch.float64, device=dev)  # the epoch's training loss, as it was trained on
             for b0 in range(0, len(order), cfg.batch):
                 opt.zero_grad(set_to_none=False)
                 with torch.enable_grad():
@@ -174,7 +176,9 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
                         if g in local:
                             s = local[g]
                             diff = run_block(s, hidden[s]).float() - targets[s].to(dev).float()
-                            (diff.square().sum() / scale).backward()
+                            loss = diff.square().sum() / scale
+                            loss.backward()
+                            running += loss.detach().double()
                 for p, mask in params:
                     dist.all_reduce_(p.grad)
                     if mask is not None:
@@ -184,6 +188,8 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
                     for p, mask in params:
                         if mask is not None:
                             p.mul_(mask)
+            dist.all_reduce_(running)
+            record["train"].append(float(running))
             h = loss_over(held)
             record["held_out"].append(h)
             if h < best:
@@ -199,7 +205,6 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
         for (p, _), v in zip(params, snapshot):
             p.copy_(v)
     record["held_out_after"] = best
-    record["train_after"] = loss_over(train)
     record["epochs_run"] = cfg.epochs
     return record
 
