@@ -7,6 +7,12 @@ figures must agree (the tests check masks and values; here the perplexities are 
 
     python benchmarks/distributed.py --model smollm2-135m --method sparsegpt --ranks 1,2 \\
         --out benchmarks/results/distributed/smollm2-135m-sparsegpt.json
+    python benchmarks/distributed.py --model smollm2-135m --method cap --ranks 1,2 \\
+        --out benchmarks/results/distributed/smollm2-135m-cap.json -- --option tune_epochs=0
+
+(CAP's Stage 1 goes to a fresh folder per run, so each run computes it and the 2-rank run divides
+it; ``tune_epochs=0`` leaves out block tuning, CAP's default since issue 13, to keep the pair
+under an hour on this CPU.)
 
 On a multi-GPU node the same compression is (one GPU per rank, NCCL):
 
@@ -32,8 +38,10 @@ PROTOCOL = ["--dataset", "wikitext2", "--eval-seqlen", "512", "--max-windows", "
 
 
 def run(model: str, method: str, ratio: str, ranks: int, out: Path, extra: list[str]) -> dict:
+    # CAP's Stage 1 into a fresh folder per run, so both runs compute (and divide) it, not read a cache
+    stage1 = ["--option", f"stage1_dir={out}.stage1"] if method.startswith("cap") and not any("stage1_dir" in x for x in extra) else []
     cmd = ["-m", "capllm", "compress", "--model", model, "--method", method, "--ratio", ratio, "--out", str(out), "--quiet", "--save", "none",
-           "--device", "cpu", "--no-dense-cache", *PROTOCOL, *extra]
+           "--device", "cpu", "--no-dense-cache", *PROTOCOL, *stage1, *extra]
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []) + cmd
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
