@@ -58,6 +58,23 @@ def test_obs_entry_score_replaces_the_input_diagonal_for_entries_only():
     torch.testing.assert_close(obs[p.rank :].double(), want, rtol=1e-6, atol=0)
 
 
+def test_diag_entry_score_is_half_the_squared_value_times_the_entrys_own_fisher():
+    g = torch.Generator().manual_seed(2)
+    m, n, r = 5, 7, 2
+    U, V = torch.linalg.qr(torch.randn(m, r, generator=g))[0], torch.linalg.qr(torch.randn(n, r, generator=g))[0]
+    S = torch.randn(m, n, generator=g) * (torch.rand(m, n, generator=g) < 0.4)
+    p = MatrixPool("w", (m, n), U, torch.tensor([2.0, 1.0]), V, S)
+    vcv, adiag, G, Fm = torch.rand(r, generator=g), torch.rand(n, generator=g) + 0.5, torch.rand(m, generator=g), torch.rand(m, n, generator=g)
+    kfac = matrix_importance(p, "fisher", vcv, adiag, G, "none")
+    diag = matrix_importance(p, "fisher", vcv, adiag, G, "none", entry_fisher=Fm)
+    torch.testing.assert_close(diag[: p.rank], kfac[: p.rank])  # directions unchanged
+    sup = p.support()
+    want = 0.5 * S.view(-1)[sup].double() ** 2 * Fm.double().view(-1)[sup]
+    torch.testing.assert_close(diag[p.rank :].double(), want, rtol=1e-6, atol=0)
+    # a rank-one F = G ⊗ diag A is K-FAC's entry score exactly
+    torch.testing.assert_close(matrix_importance(p, "fisher", vcv, adiag, G, "none", entry_fisher=torch.outer(G, adiag)), kfac)
+
+
 def _run(model, opts, tmp_path, stop_after_select=True):
     from capllm.allocate.run import CapRun, open_store
 
@@ -140,13 +157,26 @@ def test_the_default_guard_runs_when_there_are_held_out_windows_and_says_so_when
     assert get_method("cap")(0.5, None, {}).held_out_windows == 4  # every capllm compress run draws them
 
 
+@pytest.mark.parametrize("entry", ["obs", "diag"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "opt-proj", "gemma3", "gpt_neox"])
-def test_obs_scores_and_the_guard_run_on_every_architecture(arch, tmp_path):
+def test_obs_scores_and_the_guard_run_on_every_architecture(arch, entry, tmp_path):
     model = make_model(arch, seed=4)
     ctx = _ctx_held(model)
     ctx.calibration.windows.clamp_(max=model.config.vocab_size - 1)
-    get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), "entry_score": "obs", "guard": "block+uniform", "guard_windows": "3",
+    ctx.work_dir = tmp_path / "work"
+    get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), "entry_score": entry, "guard": "block+uniform", "guard_windows": "3",
                                 "calibrate": "block"}).compress_model(ctx)
+    files = sorted((tmp_path / "work" / "cap" / "efisher").glob("block_*.safetensors"))
+    if entry == "diag":  # one file per block of the entries' Fisher, each tensor the shape of its matrix
+        from capllm.allocate.store import CapStore
+
+        assert len(files) == model.config.num_hidden_layers
+        store = CapStore(tmp_path / "work" / "cap")
+        for h in ctx.linears:
+            Fm = store.entry_fisher(h.block_index)[h.name]
+            assert Fm.shape == h.shape and bool((Fm >= 0).all()) and float(Fm.float().sum()) > 0, h.name
+    else:
+        assert not files
     b, g = ctx.extra["budget"], ctx.extra["guard"]
     cal = ctx.extra["calibration"]
     assert len(cal["factors"]) == model.config.num_hidden_layers and all(f > 0 for f in cal["factors"].values())
@@ -157,6 +187,7 @@ def test_obs_scores_and_the_guard_run_on_every_architecture(arch, tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [({"entry_score": "x"}, "entry_score"), ({"entry_score": "obs", "score": "magnitude"}, "entry_score=obs"),
+                                        ({"entry_score": "diag", "score": "activation"}, "entry_score=diag"),
                                         ({"guard": "block+x"}, "guard"), ({"scope": "layer"}, "scope"), ({"scope": "block", "spread": "0.2"}, "scope=block"),
                                         ({"refit_iters": "-1"}, "refit_iters"), ({"calibrate": "matrix"}, "calibrate"), ({"refit_iters": "5", "refit": "none"}, "refit_iters")])
 def test_bad_allocation_options_are_one_line_errors(bad, match):

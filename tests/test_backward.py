@@ -134,6 +134,46 @@ def test_blockwise_output_grad_sq_matches_whole_model_autograd(arch, one_thread)
     assert all(p.grad is None for p in model.parameters())  # no parameter gradients formed
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_entry_fisher_is_the_diagonal_of_the_empirical_fisher_by_whole_model_autograd(arch, one_thread):
+    """``on_entry_stats`` gives, block by block, ``F_ij = Σ_w Σ_t g_ti² x_tj²`` of every linear
+    (``g = ∂ℒ/∂y`` by whole-model autograd, ``x`` the linear's input): the per-weight squared
+    gradient summed over tokens, not the product of the two means (K-FAC)."""
+    model, windows, stored, final = setup(arch)
+    linears = find_linears(model)
+    ref = {h.name: torch.zeros(h.shape, dtype=torch.float64) for h in linears}
+    for w in windows:
+        outs, ins = {}, {}
+        def keep(m, i, o, n):
+            outs[n], ins[n] = o, i[0]  # returns None: the output is left as it is
+
+        hooks = [h.module.register_forward_hook(lambda m, i, o, n=h.name: keep(m, i, o, n)) for h in linears]
+        try:
+            logits = model(w.unsqueeze(0), use_cache=False).logits[0, :-1]
+        finally:
+            for hk in hooks:
+                hk.remove()
+        loss = F.cross_entropy(logits.float(), w[1:], reduction="sum")
+        names = list(outs)
+        for n, g in zip(names, torch.autograd.grad(loss, [outs[n] for n in names])):
+            g2 = g.double().pow(2).reshape(-1, g.shape[-1])
+            x2 = ins[n].detach().double().pow(2).reshape(g2.shape[0], -1)
+            ref[n] += g2.T @ x2
+    seen: dict[int, dict] = {}
+    blockwise_output_grad_sq(model, lambda i: stored[i], final, windows, "cpu", on_entry_stats=lambda i, Fb: seen.__setitem__(i, Fb))
+    by_block = {h.name: h.block_index for h in linears}
+    got = {k: v for Fb in seen.values() for k, v in Fb.items()}
+    assert set(got) == set(ref) and all(by_block[k] == i for i, Fb in seen.items() for k in Fb)
+    for name, Fm in got.items():
+        r = ref[name]
+        assert Fm.shape == r.shape and r.max() > 0, name
+        torch.testing.assert_close(Fm.double(), r, rtol=1e-4, atol=1e-6 * r.max().item(), msg=name)
+        # not K-FAC's E[g²]·E[x²] (which these random inputs make differ)
+    h0 = linears[0]
+    kfac = torch.outer(*(t for t in (ref[h0.name].sum(1), ref[h0.name].sum(0))))
+    assert not torch.allclose(kfac / kfac.sum(), ref[h0.name] / ref[h0.name].sum(), rtol=0.05)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_resume_after_a_block_gives_the_identical_result(arch, tmp_path, one_thread):
     model, windows, stored, final = setup(arch)

@@ -114,8 +114,18 @@ class CapRun:
             captured = capture_block_inputs(ctx.model, blocks, windows, ctx.device)
             ckpt_path = store.root / ("fisher-checkpoint.pt" if not dist.enabled else f"fisher-checkpoint.rank{dist.rank}of{dist.world}.pt")
             ckpt = DiskCheckpoint(ckpt_path)
+            n_tokens = len(ctx.calibration.windows) * (windows.shape[1] - 1)  # over every rank
+
+            def entries(i: int, F: dict[str, torch.Tensor]) -> None:  # entry_score=diag: one block at a time, to disk
+                for t in F.values():
+                    dist.all_reduce_(t)
+                if dist.is_main:
+                    store.save_entry_fisher(i, {k: v / n_tokens for k, v in F.items()})
+
+            want_entries = getattr(self.o, "entry_score", "kfac") == "diag"
             G = blockwise_output_grad_sq(ctx.model, lambda i: captured.for_block(i, store.inputs(i)), store.inputs(None), windows, ctx.device,
-                                         ctx.linears, start=ckpt.load(), on_block_done=ckpt, progress=ctx.progress, compute_dtype=ctx.compute_dtype)
+                                         ctx.linears, start=ckpt.load(), on_block_done=ckpt, progress=ctx.progress, compute_dtype=ctx.compute_dtype,
+                                         on_entry_stats=entries if want_entries else None)
             ctx.model.to("cpu")
             if dist.enabled:  # E[g²] over every rank's tokens
                 from capllm.engine.distributed import reduce_means
@@ -142,6 +152,7 @@ class CapRun:
         ctx, store = self.ctx, self.store
         G = store.grad() if kind == "fisher" else None
         block_stats, block_index = None, None
+        block_efisher, block_efisher_index = None, None
         from tqdm.auto import tqdm
 
         with ctx.timer.stage("stage2_scores"):
@@ -154,12 +165,18 @@ class CapRun:
                     if block_index != h.block_index:
                         block_stats, block_index = store.block_stats(h.block_index), h.block_index
                     vcv, adiag = block_stats[h.name]["vcv"], block_stats[h.name]["adiag"]
-                gain = None
+                gain = efisher = None
+                if kind == "fisher" and getattr(self.o, "entry_score", "kfac") == "diag":
+                    if block_efisher_index != h.block_index:
+                        block_efisher, block_efisher_index = store.entry_fisher(h.block_index), h.block_index
+                    if block_efisher is None or h.name not in block_efisher:
+                        raise CapllmError(f"the run's Fisher statistics of {h.name} have no per-entry part (entry_score=diag): start the run in a new --out")
+                    efisher = block_efisher[h.name]
                 if kind in ("activation", "fisher") and getattr(self.o, "entry_score", "kfac") == "obs":
                     if "gain" not in block_stats[h.name]:
                         raise CapllmError(f"the run's statistics of {h.name} have no OBS gain (entry_score=obs): start the run in a new --out")
                     gain = block_stats[h.name]["gain"]
-                imp = matrix_importance(p, kind, vcv, adiag, None if G is None else G[h.name], normalize, entry_gain=gain)
+                imp = matrix_importance(p, kind, vcv, adiag, None if G is None else G[h.name], normalize, entry_gain=gain, entry_fisher=efisher)
                 store.save_key(h.name, imp / matrix_costs(p), p.rank, p.nnz, p.direction_cost)
             store.finish_stage("scores")
 

@@ -22,6 +22,12 @@ other weights of its row compensate, as the OBS refit then does: ``A_jj`` become
 if nothing moved, which over-prices inputs that others can stand in for — by a factor that
 differs from layer to layer, which a global ranking then reads as importance.
 
+``entry_score="diag"`` (our addition, ``fisher`` only) prices an entry by the exact diagonal of
+the empirical Fisher, ``½ S_ij² E_t[g_ti² x_tj²]``, where K-FAC takes ``E[g_i²] E[x_j²]``: the two
+differ where large inputs and large output gradients fall on different tokens (e.g. a massive
+activation on the first token, whose gradient is small), which inflates ``A_jj`` for some
+matrices and not others — a cross-matrix distortion a global ranking reads as importance.
+
 ``normalize="matrix"`` divides each matrix's importances by their sum, so every layer's scores
 are fractions of its own output energy (otherwise layers with large activations dominate the
 global ranking). The initial keep-probability is a soft knapsack on value per parameter:
@@ -57,12 +63,14 @@ def reduce_gram(C: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def matrix_importance(p, kind: str, vcv: torch.Tensor | None = None, adiag: torch.Tensor | None = None,
-                      G: torch.Tensor | None = None, normalize: str = "matrix", entry_gain: torch.Tensor | None = None) -> torch.Tensor:
+                      G: torch.Tensor | None = None, normalize: str = "matrix", entry_gain: torch.Tensor | None = None,
+                      entry_fisher: torch.Tensor | None = None) -> torch.Tensor:
     """Importance (fp32, ≥ 0) of one :class:`~capllm.allocate.pools.MatrixPool`'s candidates.
 
     ``vcv = (v_iᵀ A v_i)_i`` and ``adiag = diag A`` come from :func:`reduce_gram` of the layer's
     input second moment ``A``; ``G = E[g²]`` of its output gradients (``fisher``). ``entry_gain``
     (``(n,)``, e.g. ``1 / [A⁻¹]_jj``) replaces ``diag A`` for the sparse entries (module docstring).
+    ``entry_fisher`` (``(m, n)``, ``E_t[g_i² x_j²]``; ``fisher`` only) replaces ``G_ii A_jj`` for them.
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind {kind!r}")
@@ -82,7 +90,10 @@ def matrix_importance(p, kind: str, vcv: torch.Tensor | None = None, adiag: torc
                 raise ValueError(f"fisher scores need the output-gradient statistics of {p.name}")
             G = G.double()
             sig2 = 0.5 * sig2 * ((p.U.double() ** 2) * G.unsqueeze(1)).sum(0)
-            vals2 = 0.5 * vals2 * G[sup // p.shape[1]]
+            if entry_fisher is None:
+                vals2 = 0.5 * vals2 * G[sup // p.shape[1]]
+            else:  # the exact diagonal: ½ S_ij² E[g_i² x_j²] in place of ½ S_ij² E[g_i²] E[x_j²]
+                vals2 = 0.5 * p.entry_values().double() ** 2 * entry_fisher.reshape(-1).double()[sup]
     out[: p.rank] = sig2.float()
     out[p.rank :] = vals2.float()
     if normalize == "matrix":

@@ -10,6 +10,8 @@ them back one matrix at a time. Layout of ``ROOT`` (``<work dir>/cap``)::
     acts/block_<i>.safetensors    the dense inputs of block i for every calibration window
     acts/final.safetensors        the dense output of the last block (``fisher`` scores only)
     grad.safetensors              ``<name>`` = E[g²] (m,) of every linear's output gradient
+    efisher/block_<i>.safetensors ``<name>`` = E_t[g_i² x_j²] (m, n), bf16: the entries' diagonal
+                                  empirical Fisher (``entry_score=diag`` only)
     scores/<name>.safetensors     ``key`` = importance / cost of each candidate (fp32, pool order);
                                   metadata: rank, nnz, direction_cost
     keep/<name>.safetensors       ``keep`` (packed bits) — the final mask of that matrix
@@ -84,6 +86,13 @@ class CapStore:
 
     def grad(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.root / "grad.safetensors")[0]
+
+    def save_entry_fisher(self, i: int, F: dict[str, torch.Tensor]) -> None:
+        save_tensors_atomic(self._block("efisher", i), {k: v.to(torch.bfloat16) for k, v in F.items()})
+
+    def entry_fisher(self, i: int) -> dict[str, torch.Tensor] | None:
+        path = self._block("efisher", i)
+        return load_tensors(path)[0] if path.exists() else None
 
     # --- scores and masks ---------------------------------------------------------------------
     def score_path(self, name: str) -> Path:

@@ -19,6 +19,10 @@ through the whole model needs all of it on the device at once; instead, by the c
    (``y`` affects ``ℒ`` only through ``h_{i+1}``) and add ``Σ_t g²`` per feature in float64;
    the gradient reaching the input is ``δ_i = ∂ℒ/∂h_i``, kept on CPU for the next block down.
 
+Optionally (``on_entry_stats``) the same hooks also form each linear's per-entry diagonal
+empirical Fisher ``F_ij = Σ_t g_ti² x_tj²`` (``x`` the linear's input): one ``(m, T)·(T, n)``
+matmul per window, the cost of a weight gradient, handed out block by block.
+
 This is exact — the same numbers as whole-model autograd up to float rounding. Only one block
 and one window's tensors are on the device; ``δ`` for all windows (one block's worth) is on CPU;
 no parameter gradient is ever formed. Blocks run in eval mode (dropout off), so recomputation
@@ -87,16 +91,26 @@ def _head_deltas(head: Head, final_hidden: Sequence[torch.Tensor], windows: torc
 
 
 def _block_vjp(block: nn.Module, inputs: BlockInputs, delta: list[torch.Tensor], handles: list[LinearHandle], device: torch.device,
-               dtype: torch.dtype) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """One block: ``(δ_i per window, {name: Σ g²})`` from ``δ_{i+1}``; block already on ``device``."""
+               dtype: torch.dtype, entries: bool = False) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One block: ``(δ_i per window, {name: Σ g²}, {name: Σ_t g_t² x_tᵀ²}``) from ``δ_{i+1}``; the
+    last only with ``entries`` (else empty); block already on ``device``."""
     sums = {h.name: torch.zeros(h.shape[0], dtype=torch.float64, device=device) for h in handles}
+    ent = {h.name: torch.zeros(h.shape, dtype=torch.float32, device=device) for h in handles} if entries else {}
 
     def hook(name):
+        seen: dict[str, torch.Tensor] = {}
+
         def add(g):
-            sums[name].add_(g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0))
+            g2 = g.detach().reshape(-1, g.shape[-1]).double().pow(2)
+            sums[name].add_(g2.sum(0))
+            if entries:  # the entries' diagonal empirical Fisher: Σ_t g_ti² x_tj², one matmul
+                x2 = seen.pop("x").reshape(g2.shape[0], -1).float().pow(2)
+                ent[name].addmm_(g2.float().T, x2)
 
         def fn(mod, inp, out):
             if isinstance(out, torch.Tensor) and out.requires_grad:
+                if entries:
+                    seen["x"] = inp[0].detach()
                 out.register_hook(add)
         return fn
 
@@ -114,7 +128,7 @@ def _block_vjp(block: nn.Module, inputs: BlockInputs, delta: list[torch.Tensor],
     finally:
         for hk in hooks:
             hk.remove()
-    return new_delta, {k: v.cpu() for k, v in sums.items()}
+    return new_delta, {k: v.cpu() for k, v in sums.items()}, {k: v.cpu() for k, v in ent.items()}
 
 
 def blockwise_output_grad_sq(
@@ -130,6 +144,7 @@ def blockwise_output_grad_sq(
     on_block_done: Callable[[BackwardState], None] | None = None,
     progress: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    on_entry_stats: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{linear name: G (m,) float32}``, ``G_j = E_tokens[(∂ℒ/∂y_j)²]``, block by block (module doc).
 
@@ -141,6 +156,10 @@ def blockwise_output_grad_sq(
     (``place_outside_blocks``); each block is moved there in turn and back to where it was.
     ``head``: reuse a :class:`Head` (default: a new one). ``start`` / ``on_block_done``: resume
     (see :class:`BackwardState`, :class:`DiskCheckpoint`). Each block runs in ``compute_dtype``.
+    ``on_entry_stats(i, {name: F})``: also the per-entry diagonal empirical Fisher of block ``i``'s
+    linears, ``F_ij = Σ_w Σ_t g_ti² x_tj²`` (``(m, n)`` float32, a sum: divide by the token count),
+    handed over block by block (before ``on_block_done``) so that no more than one block of it is
+    ever in memory.
     """
     device = torch.device(device)
     _, blocks = find_decoder_blocks(model)
@@ -167,12 +186,16 @@ def blockwise_output_grad_sq(
             home, home_dtype = next(block.parameters()).device, stored_dtype(block)
             block_to(block, device, compute_dtype)  # computed in compute_dtype, kept in the dtype it is stored in
             try:
-                delta, sums = _block_vjp(block, block_inputs(i), state.delta, by_block.get(i, []), device, compute_dtype)
+                delta, sums, ent = _block_vjp(block, block_inputs(i), state.delta, by_block.get(i, []), device, compute_dtype,
+                                              entries=on_entry_stats is not None)
             finally:
                 block_to(block, home, home_dtype)
                 release_block(block)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if on_entry_stats is not None:
+                on_entry_stats(i, ent)
+            del ent
             state = BackwardState(i - 1, delta, {**state.sums, **sums}, state.loss)
             if on_block_done is not None:
                 on_block_done(state)

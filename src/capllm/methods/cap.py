@@ -82,7 +82,8 @@ class CapOptions(Stage1Options, BlockTuneOptions):
     temperature: float = 0.5
     # our addition: a sparse entry's value — kfac (½ S² A_jj G_ii, removal alone: the paper's
     # first-order energy) or obs (½ S² G_ii / [A⁻¹]_jj, its row compensating, as the refit does)
-    entry_score: str = "kfac"  # kfac | obs
+    # or diag (½ S² E[g_i² x_j²], the exact diagonal of the empirical Fisher; one more matmul per linear in the backward)
+    entry_score: str = "kfac"  # kfac | obs | diag
     # policy (paper: 3 steps, lr 0.05, moving-average baseline over 5). Measured default 0: on
     # SmolLM2-135M at 50 % three steps of 4 masks have gradient SNR ≈ 1 (noise), move 0.06 % of
     # the budget and leave perplexity unchanged (50.01 vs 49.79) for +500 s (BENCHMARKS.md)
@@ -143,8 +144,10 @@ def _check_options(o, given: frozenset = frozenset()) -> None:
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
     if getattr(o, "refit_iters", 0) < 0 or (getattr(o, "refit_iters", 0) > 0 and getattr(o, "refit", "none") != "obs"):
         raise CapllmError(f"cap option refit_iters={o.refit_iters}: must be ≥ 0, and needs refit=obs")
-    if getattr(o, "entry_score", "kfac") not in ("kfac", "obs"):
-        raise CapllmError(f"cap option entry_score={o.entry_score!r}: use kfac or obs")
+    if getattr(o, "entry_score", "kfac") not in ("kfac", "obs", "diag"):
+        raise CapllmError(f"cap option entry_score={o.entry_score!r}: use kfac, obs or diag")
+    if getattr(o, "entry_score", "kfac") == "diag" and getattr(o, "score", "") != "fisher":
+        raise CapllmError(f"cap option entry_score=diag is the diagonal of the Fisher: it needs score=fisher, not {o.score}")
     if getattr(o, "entry_score", "kfac") == "obs" and getattr(o, "score", "") not in ("fisher", "activation"):
         raise CapllmError(f"cap option entry_score=obs needs score=fisher or activation (it reprices the input statistic), not {o.score}")
     if "tune_epochs" in given and getattr(o, "tune_epochs", 0) > 0 and getattr(o, "refit", "none") != "obs":
