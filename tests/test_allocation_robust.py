@@ -75,6 +75,38 @@ def test_diag_entry_score_is_half_the_squared_value_times_the_entrys_own_fisher(
     torch.testing.assert_close(matrix_importance(p, "fisher", vcv, adiag, G, "none", entry_fisher=torch.outer(G, adiag)), kfac)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_fisher_stage_writes_the_entry_fisher_block_by_block_and_the_scores_drop_it(arch, tmp_path):
+    from capllm.allocate.run import CapRun, open_store
+
+    model = make_model(arch, seed=4)
+    ctx = _ctx_held(model)
+    ctx.calibration.windows.clamp_(max=model.config.vocab_size - 1)
+    ctx.work_dir = tmp_path / "work"
+    o = get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), "entry_score": "diag"}).options
+    with open_store(ctx) as store:
+        run = CapRun(ctx, o, store)
+        run.stage1(); run.fisher()
+        assert len(list((store.root / "efisher").glob("block_*.safetensors"))) == model.config.num_hidden_layers
+        G = store.grad()
+        for h in ctx.linears:
+            Fm = store.entry_fisher(h.block_index)[h.name]
+            assert Fm.dtype == torch.bfloat16 and Fm.shape == h.shape and bool((Fm >= 0).all()), h.name
+            assert float(Fm.float().sum()) > 0 and float(G[h.name].sum()) > 0, h.name
+        run.scores("fisher", "none")
+        assert not list((store.root / "efisher").glob("*.safetensors"))
+        kfac_opts = get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1")}).options
+        diag_keys = [store.key(h.name) for h in ctx.linears]
+    ctx2 = _ctx_held(make_model(arch, seed=4))
+    ctx2.calibration.windows.clamp_(max=model.config.vocab_size - 1)
+    with open_store(ctx2) as store:
+        run = CapRun(ctx2, kfac_opts, store)
+        run.stage1(); run.fisher(); run.scores("fisher", "none")
+        kfac_keys = [store.key(h.name) for h in ctx2.linears]
+    assert all(a.shape == b.shape for a, b in zip(diag_keys, kfac_keys))
+    assert any(not torch.allclose(a, b, rtol=1e-2) for a, b in zip(diag_keys, kfac_keys))
+
+
 def _run(model, opts, tmp_path, stop_after_select=True):
     from capllm.allocate.run import CapRun, open_store
 
@@ -166,17 +198,7 @@ def test_obs_scores_and_the_guard_run_on_every_architecture(arch, entry, tmp_pat
     ctx.work_dir = tmp_path / "work"
     get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), "entry_score": entry, "guard": "block+uniform", "guard_windows": "3",
                                 "calibrate": "block"}).compress_model(ctx)
-    files = sorted((tmp_path / "work" / "cap" / "efisher").glob("block_*.safetensors"))
-    if entry == "diag":  # one file per block of the entries' Fisher, each tensor the shape of its matrix
-        from capllm.allocate.store import CapStore
-
-        assert len(files) == model.config.num_hidden_layers
-        store = CapStore(tmp_path / "work" / "cap")
-        for h in ctx.linears:
-            Fm = store.entry_fisher(h.block_index)[h.name]
-            assert Fm.shape == h.shape and bool((Fm >= 0).all()) and float(Fm.float().sum()) > 0, h.name
-    else:
-        assert not files
+    assert not list((tmp_path / "work" / "cap" / "efisher").glob("*.safetensors"))  # dropped once the scores are written
     b, g = ctx.extra["budget"], ctx.extra["guard"]
     cal = ctx.extra["calibration"]
     assert len(cal["factors"]) == model.config.num_hidden_layers and all(f > 0 for f in cal["factors"].values())

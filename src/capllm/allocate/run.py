@@ -179,6 +179,7 @@ class CapRun:
                 imp = matrix_importance(p, kind, vcv, adiag, None if G is None else G[h.name], normalize, entry_gain=gain, entry_fisher=efisher)
                 store.save_key(h.name, imp / matrix_costs(p), p.rank, p.nnz, p.direction_cost)
             store.finish_stage("scores")
+            store.drop_entry_fisher()  # read by the scores only: its disk (2 bytes per weight) back
 
     def magnitudes(self) -> None:
         """``rpca-threshold``'s key: σ for directions, |S| for entries."""

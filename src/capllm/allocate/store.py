@@ -11,7 +11,8 @@ them back one matrix at a time. Layout of ``ROOT`` (``<work dir>/cap``)::
     acts/final.safetensors        the dense output of the last block (``fisher`` scores only)
     grad.safetensors              ``<name>`` = E[g²] (m,) of every linear's output gradient
     efisher/block_<i>.safetensors ``<name>`` = E_t[g_i² x_j²] (m, n), bf16: the entries' diagonal
-                                  empirical Fisher (``entry_score=diag`` only)
+                                  empirical Fisher (``entry_score=diag`` only; deleted once the
+                                  scores are written)
     scores/<name>.safetensors     ``key`` = importance / cost of each candidate (fp32, pool order);
                                   metadata: rank, nnz, direction_cost
     keep/<name>.safetensors       ``keep`` (packed bits) — the final mask of that matrix
@@ -93,6 +94,10 @@ class CapStore:
     def entry_fisher(self, i: int) -> dict[str, torch.Tensor] | None:
         path = self._block("efisher", i)
         return load_tensors(path)[0] if path.exists() else None
+
+    def drop_entry_fisher(self) -> None:
+        for p in sorted((self.root / "efisher").glob("*.safetensors")):
+            p.unlink(missing_ok=True)
 
     # --- scores and masks ---------------------------------------------------------------------
     def score_path(self, name: str) -> Path:
