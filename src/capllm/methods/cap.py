@@ -30,6 +30,10 @@ OBS refit (``refit=obs``, on):
 
 * ``entry_score=obs`` — an entry is priced by its removal *with* its row compensating,
   ``½ S_ij² G_ii / [A⁻¹]_jj`` (:func:`capllm.solvers.obs.obs_entry_gain`), as the refit realises;
+* ``entry_score=diag`` — an entry is priced by the exact diagonal of the empirical Fisher,
+  ``½ S_ij² E_t[g_ti² x_tj²]``, not K-FAC's ``½ S_ij² E[g_i²] E[x_j²]`` (measured on Gemma-3-270M
+  at 50 %: held-out loss of the global allocation 5.050 against the uniform split's 5.168, where
+  K-FAC's global allocation is worse than uniform, 5.301);
 * ``calibrate=block`` — every block's keys rescaled by the loss its uniform split measurably costs
   over the loss its scores predict (:meth:`CapRun.calibrate`), so the global ranking compares
   like with like across blocks;
