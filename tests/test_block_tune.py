@@ -173,20 +173,20 @@ def test_tuning_options_are_checked_before_any_work():
 
 
 def test_caps_default_tuning_runs_with_enough_windows_and_is_skipped_with_a_record_below(capsys):
-    """CAP tunes by default (``tune_epochs=5``): with ≥ 8 calibration windows every compressed block
+    """CAP tunes by default (``tune_epochs=10``): with ≥ 8 calibration windows every compressed block
     carries a tuning record; with fewer the run goes on untuned, says so in one line and records
     why; an explicit ``tune_epochs`` with too few windows is an error; ``refit=none`` (no layer-wise
     pass) runs untuned with a record."""
     from test_allocation_robust import OPTS
 
-    assert get_method("cap")(0.5, None, {}).block_tune.epochs == 5
-    assert get_method("cap-uniform")(0.5, None, {}).block_tune.epochs == 5
+    assert get_method("cap")(0.5, None, {}).block_tune.epochs == 10
+    assert get_method("cap-uniform")(0.5, None, {}).block_tune.epochs == 10
     assert get_method("sparsegpt")(0.5, None, {}).block_tune.active is False
     opts = {**OPTS, "guard": "none", "tune_batch": "4"}
     ctx = CompressionContext(tiny_model("llama"), random_calibration(n=8, L=16), torch.device("cpu"), progress=False)
     get_method("cap")(0.5, None, opts).compress_model(ctx)
     recs = [r.info["block_tune"] for r in ctx.records.values() if "block_tune" in r.info]
-    assert len(recs) == len({h.block_index for h in ctx.linears}) and all(r["epochs_run"] == 5 for r in recs)
+    assert len(recs) == len({h.block_index for h in ctx.linears}) and all(r["epochs_run"] == 10 for r in recs)
     assert "block_tune" not in ctx.extra
 
     ctx = CompressionContext(tiny_model("llama"), random_calibration(n=4, L=16), torch.device("cpu"), progress=False)

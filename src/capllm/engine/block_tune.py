@@ -43,7 +43,7 @@ class BlockTune:
     """How to train each block's kept values after it is compressed (``epochs = 0``: not at all)."""
 
     epochs: int = 0
-    lr: float = 1.5e-3  # Adam's step as a fraction of each tensor's RMS
+    lr: float = 3e-3  # Adam's step as a fraction of each tensor's RMS (measured: BENCHMARKS.md, CAP quality)
     batch: int = 4  # windows per Adam step
     target: str = "dense"  # dense | local
     hold_out: int = 8  # every hold_out-th window (by global index) is held out for the choice of epoch

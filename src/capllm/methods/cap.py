@@ -47,8 +47,9 @@ OBS refit (``refit=obs``, on):
 * ``refit_iters`` — CG steps from the OBS values to the exact least-squares values on the support;
 * ``tune_epochs`` — after each block's refit, Adam on the block's output over its kept values
   (:mod:`capllm.engine.block_tune`), towards the dense model's block output. **On by default
-  (5 epochs)**, measured at 50 %: SmolLM2-135M 49.79 → 46.04, Gemma-3-270M 145.15 → 112.52, at
-  about 3× the CPU time; skipped with a notice (and a record) when the run has fewer than
+  (10 epochs, step 3e-3 of each tensor's RMS)**, measured at 50 %: SmolLM2-135M 49.79 → 43.59
+  (5 epochs at a step ≈ 1.5e-3: 46.04), Gemma-3-270M 145.15 → 112.52 (5 epochs at 1.5e-3), at about 3–4×
+  the CPU time; skipped with a notice (and a record) when the run has fewer than
   ``tune_hold_out`` calibration windows, off with ``refit=none``.
 
 Also here, the paper's two ablations on the same pools:
@@ -122,9 +123,10 @@ class CapOptions(Stage1Options, BlockTuneOptions):
     # the held-out windows (CapRun.calibrate); none = the scores as they are
     calibrate: str = "none"  # none | block
     # our addition: block tuning after each block's refit (capllm.engine.block_tune); on by default
-    # (measured: BENCHMARKS.md, CAP quality); skipped with a notice when the run has fewer than
+    # (measured: BENCHMARKS.md, CAP quality: SmolLM2-135M at 50 % 49.79 → 46.04 with 5 epochs at
+    # a step ≈ 1.5e-3, → 43.59 with 10 at 3e-3); skipped with a notice when the run has fewer than
     # tune_hold_out calibration windows, and off with refit=none (no layer-wise pass to tune in)
-    tune_epochs: int = 5
+    tune_epochs: int = 10
 
 
 def _normalize(o) -> str:
