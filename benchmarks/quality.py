@@ -32,15 +32,25 @@ def protocol(r: dict) -> tuple:
             c.get("dataset"), c.get("nsamples"), c.get("seqlen"), c.get("seed"))
 
 
+# how a run behaved before these options were recorded: no guard, no block tuning
+BEFORE_THE_OPTION = {"guard": "none", "tune_epochs": 0}
+
+
 def changed(r: dict) -> str:
     try:
         base = defaults(r["method"])
     except Exception:  # a method this checkout does not know
         base = {}
-    opts = r.get("method_options") or {}
+    opts = dict(r.get("method_options") or {})
+    for k, v in BEFORE_THE_OPTION.items():  # a cell from before the option existed ran as its old behaviour
+        if k in base and k not in opts:
+            opts[k] = v
     diff = {k: v for k, v in opts.items() if k in base and base[k] != v and k != "stage1_dir"}
-    if not opts.get("tune_epochs"):  # block tuning off: its other options did nothing
+    if ((r.get("method_results") or {}).get("block_tune") or {}).get("skipped"):  # the run said it did not tune
+        opts["tune_epochs"] = 0
         diff = {k: v for k, v in diff.items() if not k.startswith("tune_")}
+    if not opts.get("tune_epochs"):  # block tuning off: its other options did nothing
+        diff = {k: v for k, v in diff.items() if not k.startswith("tune_") or k == "tune_epochs"}
     if r["method"] == "cap-uniform":  # it has no allocation to guard
         diff.pop("guard", None)
     return ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) or "defaults"
