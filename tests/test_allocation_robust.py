@@ -340,3 +340,15 @@ def test_block_calibration_scales_each_blocks_keys_by_measured_over_predicted(tm
     after, info, pred = shares("block")
     assert info["factors"]["0"] == pytest.approx(1.0, rel=1e-5) and info["factors"]["1"] == pytest.approx(50.0, rel=1e-5)
     assert after[1] > before[1] and after[0] < before[0]
+
+
+def test_the_disk_estimate_counts_the_entry_fisher_of_entry_score_diag():
+    from capllm.models.layers import find_linears
+    from capllm.workdir import disk_estimate
+
+    model = tiny_model("llama")
+    params = sum(h.numel for h in find_linears(model))
+    kfac = disk_estimate(model, "cap", 8, 32, "none", stage1_cached=True)
+    diag = disk_estimate(model, "cap", 8, 32, "none", stage1_cached=True, entry_fisher=True)
+    assert "cap_entry_fisher" not in kfac and diag["cap_entry_fisher"] == 2 * params
+    assert diag["total"] == kfac["total"] + 2 * params

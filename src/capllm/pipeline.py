@@ -246,7 +246,8 @@ def run_compress_job(job: JobConfig, log=print, dist: Dist = SINGLE) -> dict[str
         with timer.stage("load_model"):
             model, tokenizer = load_model(job.model)
         if not resumed and dist.is_main:
-            need = disk_estimate(model, method.name, job.compress.calibration.nsamples, job.compress.calibration.seqlen, job.save, stage1_cached=False)
+            need = disk_estimate(model, method.name, job.compress.calibration.nsamples, job.compress.calibration.seqlen, job.save, stage1_cached=False,
+                                 entry_fisher=getattr(method.options, "entry_score", "") == "diag")
             state["disk_estimate_bytes"] = need
             try:
                 check_disk(work, need["total"])

@@ -74,7 +74,7 @@ def remove_work_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def disk_estimate(model, method_name: str, nsamples: int, seqlen: int, save: str, stage1_cached: bool) -> dict[str, int]:
+def disk_estimate(model, method_name: str, nsamples: int, seqlen: int, save: str, stage1_cached: bool, entry_fisher: bool = False) -> dict[str, int]:
     """Bytes the run will write, by part (upper estimates; see the module docstring)."""
     from capllm.models.layers import find_decoder_blocks, find_linears
 
@@ -93,6 +93,8 @@ def disk_estimate(model, method_name: str, nsamples: int, seqlen: int, save: str
             est["stage1_cache"] = int(params * 4 * 1.25)
         est["cap_inputs"] = (len(blocks) + 1) * acts_block
         est["cap_scores_and_masks"] = int(params * (4 + 1 / 8))  # fp32 key + bit mask per candidate (≤ one per weight)
+        if entry_fisher:  # entry_score=diag: bf16 E[g² x²] per weight, until the scores are written
+            est["cap_entry_fisher"] = int(params * 2)
     if save in ("compressed", "dense"):  # a compressed model is smaller than the dense one
         est["saved_model"] = sum(p.numel() for p in model.parameters()) * wbytes
     est["total"] = sum(est.values())
