@@ -42,13 +42,19 @@ def test_obs_entry_gain_is_the_residual_variance_of_regressing_each_input_on_the
     torch.testing.assert_close(obs_entry_gain(D, percdamp=0.01), torch.tensor([1.0, 2.0, 3.0]) + 0.02)
 
 
-def test_obs_entry_score_replaces_the_input_diagonal_for_entries_only():
-    g = torch.Generator().manual_seed(1)
-    m, n, r = 5, 7, 2
+def _pool(seed: int, m: int = 5, n: int = 7, r: int = 2):
+    """A small random pool (rank r, ~40 % sparse S) and random statistics for it."""
+    g = torch.Generator().manual_seed(seed)
     U, V = torch.linalg.qr(torch.randn(m, r, generator=g))[0], torch.linalg.qr(torch.randn(n, r, generator=g))[0]
     S = torch.randn(m, n, generator=g) * (torch.rand(m, n, generator=g) < 0.4)
     p = MatrixPool("w", (m, n), U, torch.tensor([2.0, 1.0]), V, S)
-    vcv, adiag, G, gain = torch.rand(r, generator=g), torch.rand(n, generator=g) + 0.5, torch.rand(m, generator=g), torch.rand(n, generator=g)
+    return p, S, g, torch.rand(r, generator=g), torch.rand(n, generator=g) + 0.5, torch.rand(m, generator=g)
+
+
+def test_obs_entry_score_replaces_the_input_diagonal_for_entries_only():
+    p, S, g, vcv, adiag, G = _pool(1)
+    n = p.shape[1]
+    gain = torch.rand(n, generator=g)
     kfac = matrix_importance(p, "fisher", vcv, adiag, G, "none")
     obs = matrix_importance(p, "fisher", vcv, adiag, G, "none", entry_gain=gain)
     torch.testing.assert_close(obs[: p.rank], kfac[: p.rank])  # directions unchanged
@@ -59,12 +65,8 @@ def test_obs_entry_score_replaces_the_input_diagonal_for_entries_only():
 
 
 def test_diag_entry_score_is_half_the_squared_value_times_the_entrys_own_fisher():
-    g = torch.Generator().manual_seed(2)
-    m, n, r = 5, 7, 2
-    U, V = torch.linalg.qr(torch.randn(m, r, generator=g))[0], torch.linalg.qr(torch.randn(n, r, generator=g))[0]
-    S = torch.randn(m, n, generator=g) * (torch.rand(m, n, generator=g) < 0.4)
-    p = MatrixPool("w", (m, n), U, torch.tensor([2.0, 1.0]), V, S)
-    vcv, adiag, G, Fm = torch.rand(r, generator=g), torch.rand(n, generator=g) + 0.5, torch.rand(m, generator=g), torch.rand(m, n, generator=g)
+    p, S, g, vcv, adiag, G = _pool(2)
+    Fm = torch.rand(*p.shape, generator=g)
     kfac = matrix_importance(p, "fisher", vcv, adiag, G, "none")
     diag = matrix_importance(p, "fisher", vcv, adiag, G, "none", entry_fisher=Fm)
     torch.testing.assert_close(diag[: p.rank], kfac[: p.rank])  # directions unchanged
