@@ -254,7 +254,7 @@ class Cap(Method):
         super().__init__(ratio, structure, options)
         _check_options(self.options, self.given_options)  # a wrong option fails before any work is done
 
-    block_tune = property(lambda self: _tuning(self))
+    block_tune = property(_tuning)
 
     def compress_model(self, ctx) -> None:
         o = self.options
@@ -369,7 +369,7 @@ class CapUniform(Method):
         super().__init__(ratio, structure, options)
         _check_options(self.options, self.given_options)  # a wrong option fails before any work is done
 
-    block_tune = property(lambda self: _tuning(self))
+    block_tune = property(_tuning)
 
     def compress_model(self, ctx) -> None:
         o = self.options
