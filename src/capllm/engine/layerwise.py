@@ -189,7 +189,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
     label = desc or f"{method.name}: blocks"
     tune = getattr(method, "block_tune", None)
     tune = tune if modifies and tune is not None and tune.active else None
-    if tune is not None and not tune.fits(len(ctx.calibration.windows)):
+    if tune is not None and ctx.calibration is not None and not tune.fits(len(ctx.calibration.windows)):
         why = (f"{len(ctx.calibration.windows)} calibration windows leave none held out for block tuning "
                f"(it holds out every {tune.hold_out}th): the default block tuning is skipped; pass --nsamples ≥ {tune.hold_out} to tune")
         if tune.strict:
