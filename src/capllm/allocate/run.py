@@ -151,8 +151,8 @@ class CapRun:
     def _scores(self, kind: str, normalize: str) -> None:
         ctx, store = self.ctx, self.store
         G = store.grad() if kind == "fisher" else None
-        block_stats, block_index = None, None
-        block_efisher, block_efisher_index = None, None
+        block_stats, block_index, block_efisher = None, None, None
+        diag = kind == "fisher" and getattr(self.o, "entry_score", "kfac") == "diag"
         from tqdm.auto import tqdm
 
         with ctx.timer.stage("stage2_scores"):
@@ -164,11 +164,10 @@ class CapRun:
                 if kind in ("activation", "fisher"):
                     if block_index != h.block_index:
                         block_stats, block_index = store.block_stats(h.block_index), h.block_index
+                        block_efisher = store.entry_fisher(h.block_index) if diag else None
                     vcv, adiag = block_stats[h.name]["vcv"], block_stats[h.name]["adiag"]
                 gain = efisher = None
-                if kind == "fisher" and getattr(self.o, "entry_score", "kfac") == "diag":
-                    if block_efisher_index != h.block_index:
-                        block_efisher, block_efisher_index = store.entry_fisher(h.block_index), h.block_index
+                if diag:
                     if block_efisher is None or h.name not in block_efisher:
                         raise CapllmError(f"the run's Fisher statistics of {h.name} have no per-entry part (entry_score=diag): start the run in a new --out")
                     efisher = block_efisher[h.name]
@@ -433,6 +432,8 @@ class CapRun:
             if refit == "obs":
                 refit_layerwise(ctx, self.decision, iters=iters, tune=tune)
                 return
+            if tune is not None and tune.active:  # the default tuning; an explicit one is refused with refit=none
+                ctx.extra["block_tune"] = {"skipped": "refit=none: no layer-wise pass to tune in"}
             for h in ctx.linears:
                 d = self.decision(h.name)
                 S = d.S if d.S is not None or d.U is not None else torch.zeros(d.mask.shape)

@@ -84,16 +84,16 @@ def matrix_importance(p, kind: str, vcv: torch.Tensor | None = None, adiag: torc
             raise ValueError(f"activation scores need the input statistics of {p.name}")
         sig2 = sig2 * vcv.double().clamp_min(0)
         sup = p.support()
-        vals2 = vals2 * (adiag if entry_gain is None else entry_gain).double()[sup % p.shape[1]]
+        exact = kind == "fisher" and entry_fisher is not None
+        if not exact:
+            vals2 = vals2 * (adiag if entry_gain is None else entry_gain).double()[sup % p.shape[1]]
         if kind == "fisher":
             if G is None:
                 raise ValueError(f"fisher scores need the output-gradient statistics of {p.name}")
             G = G.double()
             sig2 = 0.5 * sig2 * ((p.U.double() ** 2) * G.unsqueeze(1)).sum(0)
-            if entry_fisher is None:
-                vals2 = 0.5 * vals2 * G[sup // p.shape[1]]
-            else:  # the exact diagonal: ½ S_ij² E[g_i² x_j²] in place of ½ S_ij² E[g_i²] E[x_j²]
-                vals2 = 0.5 * p.entry_values().double() ** 2 * entry_fisher.reshape(-1).double()[sup]
+            # K-FAC: ½ S_ij² E[g_i²] E[x_j²]; exact: the entry's own ½ S_ij² E[g_i² x_j²]
+            vals2 = 0.5 * vals2 * (entry_fisher.reshape(-1).double()[sup] if exact else G[sup // p.shape[1]])
     out[: p.rank] = sig2.float()
     out[p.rank :] = vals2.float()
     if normalize == "matrix":

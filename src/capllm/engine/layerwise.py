@@ -195,7 +195,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
         if tune.strict:
             raise CapllmError(f"block tuning needs at least {tune.hold_out} calibration windows (tune_hold_out={tune.hold_out}; "
                               f"got {len(ctx.calibration.windows)}): pass --nsamples ≥ {tune.hold_out} or a smaller tune_hold_out")
-        if ctx.dist.rank == 0:
+        if ctx.dist.is_main:
             print(f"capllm: {why}", file=sys.stderr)
         ctx.extra["block_tune"] = {"skipped": why}
         tune = None

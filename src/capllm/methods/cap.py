@@ -25,8 +25,8 @@ from the last finished block or matrix:
 The REINFORCE policy (``steps > 0``) is the exception: its keep-probabilities are one vector over
 every candidate of the model, so it loads the pools into memory (small models only).
 
-Our additions, each an option (off by default until measured; BENCHMARKS.md, CAP quality), besides the
-OBS refit (``refit=obs``, on):
+Our additions, each an option (off by default unless measured to win; BENCHMARKS.md, CAP quality),
+besides the OBS refit (``refit=obs``, on):
 
 * ``entry_score=obs`` — an entry is priced by its removal *with* its row compensating,
   ``½ S_ij² G_ii / [A⁻¹]_jj`` (:func:`capllm.solvers.obs.obs_entry_gain`), as the refit realises;
@@ -140,12 +140,6 @@ def _guard_against(o) -> tuple[str, ...]:
     return () if g == "none" else tuple(dict.fromkeys(a.strip() for a in g.split("+") if a.strip()))
 
 
-def _tuning(method: Method):
-    """The method's block tuning; none with ``refit=none``, which has no layer-wise pass to tune in
-    (asking for ``tune_epochs`` there is an error, see :func:`_check_options`)."""
-    return None if method.options.refit == "none" else Method.block_tune.fget(method)
-
-
 def _check_options(o, given: frozenset = frozenset()) -> None:
     if getattr(o, "score", "magnitude") not in ("fisher", "activation", "magnitude", "constant"):
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
@@ -254,8 +248,6 @@ class Cap(Method):
         super().__init__(ratio, structure, options)
         _check_options(self.options, self.given_options)  # a wrong option fails before any work is done
 
-    block_tune = property(_tuning)
-
     def compress_model(self, ctx) -> None:
         o = self.options
         if ctx.calibration is None:
@@ -281,8 +273,6 @@ class Cap(Method):
                 print(f"capllm: cap: {guard['skipped']}", file=sys.stderr)
             elif o.guard != "none":
                 sel, guard = run.guard(sel, self.ratio, ctx.calibration.held_out, _guard_against(o))
-            if o.refit == "none" and o.tune_epochs > 0:
-                ctx.extra["block_tune"] = {"skipped": "refit=none: no layer-wise pass to tune in"}
             run.apply(o.refit, o.refit_iters, self.block_tune)
             ctx.extra.update({"budget": sel["budget"], "pools": sel["pools"], "allocation": sel["allocation"], "policy": policy,
                               **({"selection": sel["selection"]} if sel.get("selection") else {}), **({"guard": guard} if guard else {}),
@@ -369,8 +359,6 @@ class CapUniform(Method):
         super().__init__(ratio, structure, options)
         _check_options(self.options, self.given_options)  # a wrong option fails before any work is done
 
-    block_tune = property(_tuning)
-
     def compress_model(self, ctx) -> None:
         o = self.options
         with open_store(ctx) as store:
@@ -380,8 +368,6 @@ class CapUniform(Method):
             run.scores(o.score, _normalize(o))
             with ctx.timer.stage("stage2_final"):
                 sel = run.select_per_matrix(self.ratio)
-            if o.refit == "none" and o.tune_epochs > 0:
-                ctx.extra["block_tune"] = {"skipped": "refit=none: no layer-wise pass to tune in"}
             run.apply(o.refit, o.refit_iters, self.block_tune)
             ctx.extra.update({"budget": {"target": sel["budget"]["target"], "achieved": sel["budget"]["achieved"]}, "pools": sel["pools"],
                               "allocation": sel["allocation"]})
