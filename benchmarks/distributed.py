@@ -44,6 +44,7 @@ def run(model: str, method: str, ratio: str, ranks: int, out: Path, extra: list[
            "--device", "cpu", "--no-dense-cache", *PROTOCOL, *stage1, *extra]
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []) + cmd
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    load_before = os.getloadavg()
     t0 = time.time()
     proc = subprocess.run(launch, capture_output=True, text=True, env=env)
     wall = time.time() - t0
@@ -52,7 +53,9 @@ def run(model: str, method: str, ratio: str, ranks: int, out: Path, extra: list[
     res = json.loads((out / "result.json").read_text())
     return {"ranks": ranks, "command": shlex.join(launch), "wall_s": round(wall, 1), "time_s": res["time_s"],
             "peak_rss_mb_by_rank": res.get("peak_rss_mb_by_rank", [res["peak_rss_mb"]]), "perplexity": res["perplexity"]["value"],
-            "perplexity_dense": res["perplexity_dense"]["value"], "distributed": res.get("distributed")}
+            "perplexity_dense": res["perplexity_dense"]["value"], "distributed": res.get("distributed"),
+            # the machine's 1-minute load average before and after: how quiet "quiet" was
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
 
 
 def main() -> None:
@@ -79,10 +82,10 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     stages = [k for k in base["time_s"] if k != "total"]
-    md = ["| ranks | " + " | ".join(stages) + " | total s | speed-up (total / compress) | peak RSS MiB per rank | ppl |", "|---" * (len(stages) + 5) + "|"]
+    md = ["| ranks | " + " | ".join(stages) + " | total s | speed-up (total / compress) | peak RSS MiB per rank | ppl | load avg before, after |", "|---" * (len(stages) + 6) + "|"]
     for r in rows:
         md.append(f"| {r['ranks']} | " + " | ".join(f"{r['time_s'].get(k, 0):.0f}" for k in stages) +
-                  f" | {r['time_s']['total']:.0f} | {r['speedup_total']}× / {r['speedup_compress']}× | {', '.join(f'{x:,.0f}' for x in r['peak_rss_mb_by_rank'])} | {r['perplexity']:.3f} |")
+                  f" | {r['time_s']['total']:.0f} | {r['speedup_total']}× / {r['speedup_compress']}× | {', '.join(f'{x:,.0f}' for x in r['peak_rss_mb_by_rank'])} | {r['perplexity']:.3f} | {', '.join(map(str, r.get('load_average_before_after', [])))} |")
     Path(a.out).with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
