@@ -83,6 +83,35 @@ def test_tuning_recovers_a_planted_model_on_its_support():
             assert int(((tuned[k] != 0) & (want == 0)).sum()) == 0, k  # nothing off the support
 
 
+def test_backoff_recovers_a_step_that_overshoots():
+    """A step so large that every epoch overshoots (without backoff epoch 0 is kept, nothing is
+    gained); with ``backoff`` each failed epoch restarts from the best values at a quarter of the
+    step, until the step is small enough to descend: the held-out error then falls, the restarts
+    are recorded, and nothing leaves the support."""
+    got = {}
+    for backoff in (0.0, 0.25):
+        model = tiny_model("llama")
+        _sparsify(model, torch.Generator().manual_seed(0))
+        planted = _proj(model)
+        ctx = CompressionContext(model, random_calibration(n=16, L=32), torch.device("cpu"), progress=False)
+        run_layerwise(ctx, _NoisyOnSupport(BlockTune(epochs=6, lr=0.3, batch=2, hold_out=4, backoff=backoff)))
+        got[backoff] = [r.info["block_tune"] for r in ctx.records.values() if "block_tune" in r.info]
+        if backoff:
+            for k, want in planted.items():
+                if "proj" in k:
+                    assert int(((_proj(model)[k] != 0) & (want == 0)).sum()) == 0, k
+    assert all(r["kept_epoch"] == 0 and "backoff_after" not in r for r in got[0.0])
+    for r in got[0.25]:
+        assert r["backoff_after"] and r["backoff_after"][0] == 1, r
+        assert r["held_out_after"] < 0.5 * r["held_out_before"], r
+        assert r["held_out_after"] == min([r["held_out_before"], *r["held_out"]])
+
+
+def test_backoff_outside_zero_one_is_refused():
+    with pytest.raises(CapllmError, match="tune_backoff"):
+        BlockTune(epochs=1, backoff=1.0).check("cap")
+
+
 def test_a_planted_model_is_not_changed_when_no_epoch_helps():
     """Values that are already exact (no noise): every epoch can only move away, so epoch 0 is
     kept and the weights are bit-identical to the method's."""

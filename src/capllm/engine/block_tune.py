@@ -23,7 +23,10 @@ with ``X̃_s`` the block's inputs from the already compressed blocks (the engine
 The support never changes (gradients off the mask are zero, and the values there stay exactly
 zero), so the kept-parameter count and the allocation are untouched. Every ``hold_out``-th
 window is not trained on: the values kept are those of the epoch with the lowest held-out loss,
-epoch 0 (no change) included, so the step can only lower the held-out block error. The windows
+epoch 0 (no change) included, so the step can only lower the held-out block error. With
+``backoff = β ∈ (0, 1)`` an epoch whose held-out loss is not below the best so far sends the
+training back to the best values with every step multiplied by ``β`` (and Adam's moments reset),
+instead of going on from where it overshot; the number of epochs is the same. The windows
 and their order are fixed by global window index and seed, and gradients are summed over ranks,
 so several processes reach the same values as one (up to summation order).
 """
@@ -47,6 +50,7 @@ class BlockTune:
     batch: int = 4  # windows per Adam step
     target: str = "dense"  # dense | local
     hold_out: int = 8  # every hold_out-th window (by global index) is held out for the choice of epoch
+    backoff: float = 0.0  # β ∈ (0, 1): after an epoch that did not improve, restart from the best at β × the step; 0: off
     seed: int = 0
     # asked for by the user (an error when the run has too few windows) or a method's default
     # (then skipped with a one-line notice and a record)
@@ -61,9 +65,9 @@ class BlockTune:
         return n_windows >= self.hold_out
 
     def check(self, method: str) -> None:
-        if self.epochs < 0 or self.batch < 1 or self.lr <= 0 or self.hold_out < 2:
-            raise CapllmError(f"{method}: tune_epochs ≥ 0, tune_batch ≥ 1, tune_lr > 0 and tune_hold_out ≥ 2 are needed "
-                              f"(got {self.epochs}, {self.batch}, {self.lr}, {self.hold_out})")
+        if self.epochs < 0 or self.batch < 1 or self.lr <= 0 or self.hold_out < 2 or not 0 <= self.backoff < 1:
+            raise CapllmError(f"{method}: tune_epochs ≥ 0, tune_batch ≥ 1, tune_lr > 0, tune_hold_out ≥ 2 and 0 ≤ tune_backoff < 1 "
+                              f"are needed (got {self.epochs}, {self.batch}, {self.lr}, {self.hold_out}, {self.backoff})")
         if self.target not in ("dense", "local"):
             raise CapllmError(f"{method} option tune_target={self.target!r}: use dense or local")
 
@@ -77,9 +81,11 @@ class BlockTuneOptions:
     tune_batch: int = BlockTune.batch
     tune_target: str = BlockTune.target
     tune_hold_out: int = BlockTune.hold_out
+    tune_backoff: float = BlockTune.backoff
 
     def block_tune(self, seed: int = 0, strict: bool = True) -> BlockTune:
-        return BlockTune(self.tune_epochs, self.tune_lr, self.tune_batch, self.tune_target, self.tune_hold_out, seed, strict)
+        return BlockTune(self.tune_epochs, self.tune_lr, self.tune_batch, self.tune_target, self.tune_hold_out,
+                         self.tune_backoff, seed, strict)
 
 
 def _compressed(handles: list, results: dict):
@@ -163,7 +169,13 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
     for p, _ in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)  # a rank with none of a batch's windows still takes part in its sum
-    opt = torch.optim.Adam([{"params": [p], "lr": cfg.lr * _rms(p, mask)} for p, mask in params])
+    steps = [cfg.lr * _rms(p, mask) for p, mask in params]
+
+    def adam(factor: float) -> torch.optim.Adam:
+        return torch.optim.Adam([{"params": [p], "lr": factor * lr} for (p, _), lr in zip(params, steps)])
+
+    factor = 1.0
+    opt = adam(factor)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
     try:
         for epoch in range(1, cfg.epochs + 1):
@@ -196,6 +208,13 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
                 best = h
                 record["kept_epoch"] = epoch
                 snapshot = [p.detach().clone() for p, _ in params]
+            elif cfg.backoff > 0 and epoch < cfg.epochs:  # back to the best values, a smaller step, fresh moments
+                with torch.no_grad():
+                    for (p, _), v in zip(params, snapshot):
+                        p.copy_(v)
+                factor *= cfg.backoff
+                opt = adam(factor)
+                record.setdefault("backoff_after", []).append(epoch)
     finally:
         for p, _ in params:
             p.requires_grad_(False)

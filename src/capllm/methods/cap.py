@@ -51,7 +51,8 @@ besides the OBS refit (``refit=obs``, on):
   (10 epochs, step 3e-3 of each tensor's RMS)**, measured at 50 %: SmolLM2-135M 49.79 → 43.59
   (5 epochs at a step ≈ 1.5e-3: 46.04), Gemma-3-270M 145.15 → 112.52 (5 epochs at 1.5e-3), at about 3–4×
   the CPU time; skipped with a notice (and a record) when the run has fewer than
-  ``tune_hold_out`` calibration windows, off with ``refit=none``.
+  ``tune_hold_out`` calibration windows, off with ``refit=none``; ``tune_backoff=β`` restarts an
+  epoch that did not improve from the best values at β × the step.
 
 Also here, the paper's two ablations on the same pools:
 
