@@ -182,7 +182,7 @@ def decompose_model(model, cfg: RPCAConfig, out_dir: str | os.PathLike, stats: d
     """Stage 1 of every decoder linear into the resumable cache ``out_dir``; returns the manifest.
 
     ``dist`` (:class:`capllm.engine.distributed.Dist`, every rank calling with the same
-    arguments): the pending matrices are divided among the ranks round robin, each writes its
+    arguments): the pending matrices are divided among the ranks by cost (:meth:`~capllm.engine.distributed.Dist.owners`), each writes its
     own matrices' files, and rank 0 alone writes the manifest (its entries gathered from all).
 
     ``stats``: ``{name: InputStats}`` → activation-aware RPCA of ``W·diag(sqrt(E x²))``; or
@@ -265,11 +265,12 @@ def _sort(man: dict, all_handles: list[LinearHandle]) -> None:
 
 
 def _decompose_share(man, handles, all_handles, cfg, scales, device, batch, workers, out_dir: Path, dist, progress: bool = False) -> dict:
-    """Several processes: this rank's round-robin share of the pending matrices; the manifest
-    entries of all ranks are gathered and written by rank 0 (a killed run recomputes what no
-    manifest entry records)."""
+    """Several processes: this rank's share of the pending matrices, balanced by the cost of an
+    SVD (``m n min(m, n)``, :meth:`Dist.owners`); the manifest entries of all ranks are gathered
+    and written by rank 0 (a killed run recomputes what no manifest entry records)."""
     pending = _pending(man, handles, out_dir)
-    mine = [h for j, h in enumerate(pending) if dist.owner(j) == dist.rank]
+    owners = dist.owners([float(m * n * min(m, n)) for m, n in (h.shape for h in pending)])
+    mine = [h for j, h in enumerate(pending) if owners[j] == dist.rank]
     entries: dict[str, dict] = {}
 
     def on_result(h: LinearHandle, r: RPCAResult) -> None:

@@ -72,18 +72,21 @@ def _check_finite(t: torch.Tensor, where: str) -> None:
 def default_finish_block(ctx: "CompressionContext", method, index: int, handles: list, comps: dict) -> dict:
     """Compress every linear of the block from its accumulated statistics.
 
-    On several processes each linear is compressed by its owner (:meth:`Dist.owner`) and the
-    result broadcast, so every rank ends the block with the same weights."""
+    On several processes each linear is compressed by its owner (:meth:`Dist.owners`, balanced
+    by ``(m + n) n²`` for an ``m × n`` weight: the Hessian-based solves invert an ``n × n`` matrix
+    and sweep ``m`` rows through it) and the result broadcast, so every rank ends the block with
+    the same weights."""
     dist = ctx.dist
+    owners = dist.owners([float((m + n) * n * n) for m, n in (h.shape for h in handles)])
     out = {}
     for j, h in enumerate(handles):
-        if dist.owner(j) == dist.rank:
+        if owners[j] == dist.rank:
             out[h.name] = comps[h.name].compress(h.weight_copy())
         comps[h.name].free()
     if dist.enabled:
         for j, h in enumerate(handles):
             mine = out.get(h.name)
-            out[h.name] = dist.broadcast_object(None if mine is None else _on_cpu(mine), src=dist.owner(j))
+            out[h.name] = dist.broadcast_object(None if mine is None else _on_cpu(mine), src=owners[j])
     return out
 
 
