@@ -58,29 +58,36 @@ def _sparsify(model, g):
                 p.mul_(torch.rand(p.shape, generator=g) < 0.5)
 
 
+def _tune_planted(tune: BlockTune):
+    """A sparse llama with its kept values perturbed (:class:`_NoisyOnSupport`), tuned with
+    ``tune`` on 16 windows: ``(planted weights, tuned weights, one tuning record per block)``."""
+    model = tiny_model("llama")
+    _sparsify(model, torch.Generator().manual_seed(0))
+    planted = _proj(model)
+    ctx = CompressionContext(model, random_calibration(n=16, L=32), torch.device("cpu"), progress=False)
+    run_layerwise(ctx, _NoisyOnSupport(tune))
+    return planted, _proj(model), [r.info["block_tune"] for r in ctx.records.values() if "block_tune" in r.info]
+
+
+def _assert_on_support(planted: dict, tuned: dict) -> None:
+    for k, want in planted.items():
+        if "proj" in k:
+            assert int(((tuned[k] != 0) & (want == 0)).sum()) == 0, k  # nothing off the support
+
+
 def test_tuning_recovers_a_planted_model_on_its_support():
     """The dense model is itself sparse on the support the method keeps; the kept values are
     perturbed. Tuning towards the dense stream must bring the block outputs back (held-out error
     down five-fold) and never write a value off the support. (The values themselves are not
     identifiable from 384 tokens through the softmax, so only the outputs are checked.)"""
-    got = {}
-    for epochs in (0, 40):
-        model = tiny_model("llama")
-        _sparsify(model, torch.Generator().manual_seed(0))
-        planted = _proj(model)
-        ctx = CompressionContext(model, random_calibration(n=16, L=32), torch.device("cpu"), progress=False)
-        run_layerwise(ctx, _NoisyOnSupport(BlockTune(epochs=epochs, lr=1.5e-2, batch=2, hold_out=4)))
-        got[epochs] = (_proj(model), ctx)
-    (noisy, _), (tuned, ctx) = got[0], got[40]
-    recs = [r.info["block_tune"] for r in ctx.records.values() if "block_tune" in r.info]
+    planted, noisy, _ = _tune_planted(BlockTune(epochs=0, lr=1.5e-2, batch=2, hold_out=4))
+    _, tuned, recs = _tune_planted(BlockTune(epochs=40, lr=1.5e-2, batch=2, hold_out=4))
     assert len(recs) == 2  # one record per block, on its first linear
     for r in recs:
         assert r["held_out_after"] < 0.2 * r["held_out_before"], r
         assert r["held_out_after"] == min([r["held_out_before"], *r["held_out"]])  # the best epoch is the one kept
     assert any(not torch.equal(tuned[k], noisy[k]) for k in planted)
-    for k, want in planted.items():
-        if "proj" in k:
-            assert int(((tuned[k] != 0) & (want == 0)).sum()) == 0, k  # nothing off the support
+    _assert_on_support(planted, tuned)
 
 
 def test_backoff_recovers_a_step_that_overshoots():
@@ -88,23 +95,14 @@ def test_backoff_recovers_a_step_that_overshoots():
     gained); with ``backoff`` each failed epoch restarts from the best values at a quarter of the
     step, until the step is small enough to descend: the held-out error then falls, the restarts
     are recorded, and nothing leaves the support."""
-    got = {}
-    for backoff in (0.0, 0.25):
-        model = tiny_model("llama")
-        _sparsify(model, torch.Generator().manual_seed(0))
-        planted = _proj(model)
-        ctx = CompressionContext(model, random_calibration(n=16, L=32), torch.device("cpu"), progress=False)
-        run_layerwise(ctx, _NoisyOnSupport(BlockTune(epochs=6, lr=0.3, batch=2, hold_out=4, backoff=backoff)))
-        got[backoff] = [r.info["block_tune"] for r in ctx.records.values() if "block_tune" in r.info]
-        if backoff:
-            for k, want in planted.items():
-                if "proj" in k:
-                    assert int(((_proj(model)[k] != 0) & (want == 0)).sum()) == 0, k
-    assert all(r["kept_epoch"] == 0 and "backoff_after" not in r for r in got[0.0])
-    for r in got[0.25]:
+    _, _, plain = _tune_planted(BlockTune(epochs=6, lr=0.3, batch=2, hold_out=4))
+    planted, tuned, recs = _tune_planted(BlockTune(epochs=6, lr=0.3, batch=2, hold_out=4, backoff=0.25))
+    assert all(r["kept_epoch"] == 0 and "backoff_after" not in r for r in plain)
+    for r in recs:
         assert r["backoff_after"] and r["backoff_after"][0] == 1, r
         assert r["held_out_after"] < 0.5 * r["held_out_before"], r
         assert r["held_out_after"] == min([r["held_out_before"], *r["held_out"]])
+    _assert_on_support(planted, tuned)
 
 
 def test_backoff_outside_zero_one_is_refused():
