@@ -49,7 +49,7 @@ besides the OBS refit (``refit=obs``, on):
 * ``tune_epochs`` — after each block's refit, Adam on the block's output over its kept values
   (:mod:`capllm.engine.block_tune`), towards the dense model's block output. **On by default
   (10 epochs, step 3e-3 of each tensor's RMS)**, measured at 50 %: SmolLM2-135M 49.79 → 43.59
-  (5 epochs at a step ≈ 1.5e-3: 46.04), Gemma-3-270M 145.15 → 112.52 (5 epochs at 1.5e-3), at about 3–4×
+  (5 epochs at a step ≈ 1.5e-3: 46.04), Gemma-3-270M 145.15 → 101.67 (5 epochs at 1.5e-3: 112.52), at about 3–4×
   the CPU time; skipped with a notice (and a record) when the run has fewer than
   ``tune_hold_out`` calibration windows, off with ``refit=none``; ``tune_backoff=β`` restarts an
   epoch that did not improve from the best values at β × the step.
