@@ -244,7 +244,7 @@ def test_a_blocks_matrices_are_divided_by_cost_longest_first():
     of the optimum (k = 3), and one process owns everything."""
     import itertools
 
-    from capllm.engine.distributed import Dist
+    from capllm.engine.distributed import Dist, svd_cost
 
     def worst(costs, owners, world):
         return max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(world))
@@ -253,7 +253,7 @@ def test_a_blocks_matrices_are_divided_by_cost_longest_first():
         return min(worst(costs, a, world) for a in itertools.product(range(world), repeat=len(costs)))
 
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
-    costs = [float(m * n * min(m, n)) for m, n in shapes]
+    costs = [svd_cost(sh) for sh in shapes]
     owners = Dist(rank=0, world=2).owners(costs)
     assert owners == Dist(rank=1, world=2).owners(costs)
     assert worst(costs, owners, 2) == best(costs, 2)

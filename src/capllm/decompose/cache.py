@@ -268,8 +268,10 @@ def _decompose_share(man, handles, all_handles, cfg, scales, device, batch, work
     """Several processes: this rank's share of the pending matrices, balanced by the cost of an
     SVD (``m n min(m, n)``, :meth:`Dist.owners`); the manifest entries of all ranks are gathered
     and written by rank 0 (a killed run recomputes what no manifest entry records)."""
+    from capllm.engine.distributed import svd_cost
+
     pending = _pending(man, handles, out_dir)
-    owners = dist.owners([float(m * n * min(m, n)) for m, n in (h.shape for h in pending)])
+    owners = dist.owners([svd_cost(h.shape) for h in pending])
     mine = [h for j, h in enumerate(pending) if owners[j] == dist.rank]
     entries: dict[str, dict] = {}
 

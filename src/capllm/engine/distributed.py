@@ -40,6 +40,21 @@ import torch
 from capllm.errors import CapllmError
 
 
+def svd_cost(shape: tuple[int, int]) -> float:
+    """The work of an SVD of an ``m × n`` matrix, ``m n min(m, n)``: how Stage 1's robust PCA
+    divides a block among ranks (:meth:`Dist.owners`)."""
+    m, n = shape
+    return float(m * n * min(m, n))
+
+
+def solve_cost(shape: tuple[int, int]) -> float:
+    """The work of a Hessian-based layer-wise solve of an ``m × n`` weight, ``(m + n) n²`` (an
+    ``n × n`` inverse and ``m`` rows swept through it): how the engine divides a block's
+    compressions among ranks."""
+    m, n = shape
+    return float((m + n) * n * n)
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0

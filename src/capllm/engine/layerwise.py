@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from capllm.engine.capture import block_to, capture_block_inputs, cast_floats, release_block, stored_dtype
+from capllm.engine.distributed import solve_cost
 from capllm.errors import CapllmError
 from capllm.models.layers import find_decoder_blocks
 
@@ -77,7 +78,7 @@ def default_finish_block(ctx: "CompressionContext", method, index: int, handles:
     and sweep ``m`` rows through it) and the result broadcast, so every rank ends the block with
     the same weights."""
     dist = ctx.dist
-    owners = dist.owners([float((m + n) * n * n) for m, n in (h.shape for h in handles)])
+    owners = dist.owners([solve_cost(h.shape) for h in handles])
     out = {}
     for j, h in enumerate(handles):
         if owners[j] == dist.rank:
