@@ -213,7 +213,8 @@ def test_obs_scores_and_the_guard_run_on_every_architecture(arch, entry, tmp_pat
 @pytest.mark.parametrize("bad, match", [({"entry_score": "x"}, "entry_score"), ({"entry_score": "obs", "score": "magnitude"}, "entry_score=obs"),
                                         ({"entry_score": "diag", "score": "activation"}, "entry_score=diag"),
                                         ({"guard": "block+x"}, "guard"), ({"scope": "layer"}, "scope"), ({"scope": "block", "spread": "0.2"}, "scope=block"),
-                                        ({"refit_iters": "-1"}, "refit_iters"), ({"calibrate": "matrix"}, "calibrate"), ({"refit_iters": "5", "refit": "none"}, "refit_iters")])
+                                        ({"refit_iters": "-1"}, "refit_iters"), ({"calibrate": "matrix"}, "calibrate"), ({"refit_iters": "5", "refit": "none"}, "refit_iters"),
+                                        ({"refit": "greedy"}, "refit=")])
 def test_bad_allocation_options_are_one_line_errors(bad, match):
     from capllm.errors import CapllmError
 
@@ -253,6 +254,53 @@ def test_support_cg_reaches_the_exact_least_squares_optimum_of_every_row():
     torch.testing.assert_close(Wk.double(), want, rtol=1e-3, atol=1e-4)
     opt = support_objective(want, R, Hd)
     assert float(support_objective(W0, R, Hd).sum()) > 1.01 * float(opt.sum())  # the OBS pass alone is not optimal here
+
+
+def test_reselect_keeps_the_counts_and_reproduces_sparsegpt_on_its_own_mask():
+    """refit=reselect's solver: given SparseGPT's own unstructured mask, it returns SparseGPT's
+    weights and mask exactly; given a random mask, it keeps that mask's count in every column
+    block and lands far below the fixed random support's output error."""
+    from capllm.errors import CapllmError
+    from capllm.solvers.obs import sparsegpt_prune
+    from capllm.solvers.support_lstsq import support_objective
+
+    g = torch.Generator().manual_seed(7)
+    m, n, N, B = 24, 80, 600, 32
+    X = torch.randn(N, n, generator=g) @ torch.randn(n, n, generator=g) * torch.logspace(-1, 1, n)
+    H = X.t() @ X / N
+    W = torch.randn(m, n, generator=g)
+    Hd = H.double() + 0.01 * H.diagonal().mean().double() * torch.eye(n, dtype=torch.float64)
+    Ws, keep_s, _ = sparsegpt_prune(W, H, 0.5, blocksize=B)
+    Wr, keep_r, _ = sparsegpt_prune(W, H, 0.0, blocksize=B, keep_mask=keep_s, reselect=True)
+    assert torch.equal(keep_r, keep_s) and torch.equal(Wr, Ws)
+
+    mask = torch.rand(m, n, generator=g) < torch.linspace(0.2, 0.8, n)  # uneven density across column blocks
+    Wf, keep_f, _ = sparsegpt_prune(W, H, 0.0, blocksize=B, keep_mask=mask)
+    Wr, keep_r, _ = sparsegpt_prune(W, H, 0.0, blocksize=B, keep_mask=mask, reselect=True)
+    assert torch.equal(keep_f, mask) and not torch.equal(keep_r, mask)
+    for i1 in range(0, n, B):
+        assert int(keep_r[:, i1:i1 + B].sum()) == int(mask[:, i1:i1 + B].sum())
+    assert not bool(Wr[~keep_r].any())
+    e_fixed, e_re = (float(support_objective((w * k).double(), W, Hd).sum()) for w, k in ((Wf, keep_f), (Wr, keep_r)))
+    assert e_re < 0.8 * e_fixed
+    with pytest.raises(CapllmError, match="reselect"):
+        sparsegpt_prune(W, H, 0.5, reselect=True)
+
+
+def test_cap_refit_reselect_keeps_every_matrixs_count_and_moves_its_support():
+    """Through the engine on a tiny model: the same kept parameters and rank per matrix as
+    refit=obs (the allocation's counts), with part of each support re-chosen."""
+    out = {}
+    for refit in ("obs", "reselect"):
+        model = tiny_model("llama", seed=4)
+        ctx = _ctx_held(model)
+        get_method("cap")(0.5, None, {**OPTS, "refit": refit, "refit_iters": "0", "tune_epochs": "0"}).compress_model(ctx)
+        out[refit] = {n: r for n, r in ctx.records.items()}
+    assert out["obs"].keys() == out["reselect"].keys()
+    for name, r in out["reselect"].items():
+        assert (r.kept_params, r.rank) == (out["obs"][name].kept_params, out["obs"][name].rank), name
+    moved = [r.info["support_moved"] for r in out["reselect"].values() if "support_moved" in r.info]
+    assert moved and max(moved) > 0.05 and all(0 <= x <= 1 for x in moved)
 
 
 def test_cap_refit_iters_lowers_every_layers_output_error():

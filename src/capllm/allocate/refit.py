@@ -10,6 +10,14 @@ least-squares optimum on that support (:func:`capllm.solvers.support_lstsq.refin
 the sequential OBS pass never lets an earlier kept weight compensate for a later removal). It runs through the layer-wise engine, so each block is refitted on the inputs
 produced by the already compressed blocks before it — exactly SparseGPT's sequential setting.
 The kept-parameter count does not change.
+
+``reselect`` (``refit=reselect``, our addition) keeps the allocation's *counts* — the rank of
+every matrix and the number of sparse entries in each block of ``blocksize`` columns — but lets
+the OBS pass choose which entries of the residual survive, by SparseGPT's
+``w²/[Hinv]_jj²`` on the weights as the earlier columns' updates left them. The allocation's
+scores are computed once, from Stage 1's sparse part before anything is removed; the OBS
+choice sees the error that the earlier removals of the same matrix have already moved into each
+weight (Frantar & Alistarh 2023, sec. 3.3: adaptive mask selection).
 """
 
 from __future__ import annotations
@@ -44,9 +52,9 @@ class Decision:
 
 
 class _RefitCompressor:
-    def __init__(self, n_in: int, device, decision: Decision, blocksize: int, percdamp: float, iters: int = 0) -> None:
+    def __init__(self, n_in: int, device, decision: Decision, blocksize: int, percdamp: float, iters: int = 0, reselect: bool = False) -> None:
         self.stats = InputStats(n_in, device, sq=False, gram=True)
-        self.d, self.blocksize, self.percdamp, self.iters = decision, blocksize, percdamp, iters
+        self.d, self.blocksize, self.percdamp, self.iters, self.reselect = decision, blocksize, percdamp, iters, reselect
 
     def add_batch(self, inp, out) -> None:
         self.stats.add_batch(inp)
@@ -57,19 +65,22 @@ class _RefitCompressor:
     def compress(self, weight: torch.Tensor) -> CompressedWeight:
         d = self.d
         R = weight if d.U is None else weight - d.U.to(weight) @ d.V.to(weight).t()
-        S, info = None, {"refit": "obs"}
+        S, mask, info = None, d.mask, {"refit": "reselect" if self.reselect else "obs"}
         if bool(d.mask.any()):
-            S, keep, _ = sparsegpt_prune(R, self.stats.gram, 0.0, blocksize=self.blocksize, percdamp=self.percdamp, keep_mask=d.mask)
+            S, keep, _ = sparsegpt_prune(R, self.stats.gram, 0.0, blocksize=self.blocksize, percdamp=self.percdamp, keep_mask=d.mask,
+                                         reselect=self.reselect)
             S = S * keep
+            if self.reselect:
+                mask = keep.to(d.mask.device)
+                info["support_moved"] = float((mask & ~d.mask).sum()) / float(d.mask.sum())
             if self.iters > 0:
-                mask = d.mask.to(S.device)
                 before = float(support_objective(S, R, self.stats.gram).sum())
-                S = refine_on_support(S, R, self.stats.gram, mask, self.iters, self.percdamp).to(S.dtype)
+                S = refine_on_support(S, R, self.stats.gram, mask.to(S.device), self.iters, self.percdamp).to(S.dtype)
                 after = float(support_objective(S, R, self.stats.gram).sum())
-                info = {"refit": f"obs+cg{self.iters}", "output_error_obs": before, "output_error_cg": after}
+                info.update({"refit": f"{info['refit']}+cg{self.iters}", "output_error_obs": before, "output_error_cg": after})
         elif d.U is None:  # the allocation kept nothing of this matrix
             S = torch.zeros_like(weight)
-        return CompressedWeight(S=S, mask=d.mask if S is not None else None, U=d.U, V=d.V, info=info)
+        return CompressedWeight(S=S, mask=mask if S is not None else None, U=d.U, V=d.V, info=info)
 
     def free(self) -> None:
         self.stats.free()
@@ -85,22 +96,25 @@ class _RefitPass:
     name = "cap-refit"
     needs_calibration = True
 
-    def __init__(self, decide: Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0, tune=None) -> None:
-        self.decide, self.blocksize, self.percdamp, self.iters = decide, blocksize, percdamp, iters
+    def __init__(self, decide: Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0, tune=None,
+                 reselect: bool = False) -> None:
+        self.decide, self.blocksize, self.percdamp, self.iters, self.reselect = decide, blocksize, percdamp, iters, reselect
         self.block_tune = tune  # the engine trains each refitted block on its output (capllm.engine.block_tune)
 
     def layer_compressor(self, handle):
-        return _RefitCompressor(handle.shape[1], handle.module.weight.device, self.decide(handle.name), self.blocksize, self.percdamp, self.iters)
+        return _RefitCompressor(handle.shape[1], handle.module.weight.device, self.decide(handle.name), self.blocksize, self.percdamp, self.iters,
+                                self.reselect)
 
 
 def refit_layerwise(ctx, decisions: dict[str, Decision] | Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0,
-                    tune=None) -> None:
+                    tune=None, reselect: bool = False) -> None:
     """Apply ``decisions`` (a dict, or a function of the linear's name) to ``ctx.model`` block by
     block with OBS-refitted sparse values (and ``iters`` CG steps towards the exact optimum on
     the support; with ``tune`` a :class:`~capllm.engine.block_tune.BlockTune`, each block's
-    kept values are then trained on its output); resumable through the run's work directory.
+    kept values are then trained on its output; with ``reselect`` the OBS pass re-chooses the
+    entries at the decisions' per-column-block counts); resumable through the run's work directory.
 
     The model's linear weights must hold the original dense ``W`` when this is called.
     """
     decide = decisions.__getitem__ if isinstance(decisions, dict) else decisions
-    run_layerwise(ctx, _RefitPass(decide, blocksize, percdamp, iters, tune), checkpoint=ctx.checkpoint("cap-refit"), desc="CAP refit: blocks")
+    run_layerwise(ctx, _RefitPass(decide, blocksize, percdamp, iters, tune, reselect), checkpoint=ctx.checkpoint("cap-refit"), desc="CAP refit: blocks")

@@ -429,8 +429,8 @@ class CapRun:
     def apply(self, refit: str, iters: int = 0, tune=None) -> None:
         ctx = self.ctx
         with ctx.timer.stage("refit" if refit != "none" else "apply"):
-            if refit == "obs":
-                refit_layerwise(ctx, self.decision, iters=iters, tune=tune)
+            if refit in ("obs", "reselect"):
+                refit_layerwise(ctx, self.decision, iters=iters, tune=tune, reselect=refit == "reselect")
                 return
             if tune is not None and tune.active:  # the default tuning; an explicit one is refused with refit=none
                 ctx.extra["block_tune"] = {"skipped": "refit=none: no layer-wise pass to tune in"}

@@ -111,7 +111,9 @@ class CapOptions(Stage1Options, BlockTuneOptions):
     scope: str = "model"  # model | block
     seed: int = 0
     # our addition: reconstruct the kept sparse values on the chosen support (none = the paper)
-    refit: str = "obs"  # obs | none
+    # reselect = the OBS pass re-chooses the sparse entries at the allocation's counts per column
+    # block (capllm.allocate.refit)
+    refit: str = "obs"  # obs | reselect | none
     # our addition: conjugate-gradient steps from the OBS values to the exact least-squares optimum
     # on the chosen support (capllm.solvers.support_lstsq); 0 = the OBS pass alone
     refit_iters: int = 0
@@ -144,18 +146,18 @@ def _guard_against(o) -> tuple[str, ...]:
 def _check_options(o, given: frozenset = frozenset()) -> None:
     if getattr(o, "score", "magnitude") not in ("fisher", "activation", "magnitude", "constant"):
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
-    if getattr(o, "refit_iters", 0) < 0 or (getattr(o, "refit_iters", 0) > 0 and getattr(o, "refit", "none") != "obs"):
-        raise CapllmError(f"cap option refit_iters={o.refit_iters}: must be ≥ 0, and needs refit=obs")
+    if getattr(o, "refit_iters", 0) < 0 or (getattr(o, "refit_iters", 0) > 0 and getattr(o, "refit", "none") == "none"):
+        raise CapllmError(f"cap option refit_iters={o.refit_iters}: must be ≥ 0, and needs refit=obs or reselect")
     if getattr(o, "entry_score", "kfac") not in ("kfac", "obs", "diag"):
         raise CapllmError(f"cap option entry_score={o.entry_score!r}: use kfac, obs or diag")
     if getattr(o, "entry_score", "kfac") == "diag" and getattr(o, "score", "") != "fisher":
         raise CapllmError(f"cap option entry_score=diag is the diagonal of the Fisher: it needs score=fisher, not {o.score}")
     if getattr(o, "entry_score", "kfac") == "obs" and getattr(o, "score", "") not in ("fisher", "activation"):
         raise CapllmError(f"cap option entry_score=obs needs score=fisher or activation (it reprices the input statistic), not {o.score}")
-    if "tune_epochs" in given and getattr(o, "tune_epochs", 0) > 0 and getattr(o, "refit", "none") != "obs":
-        raise CapllmError(f"cap option tune_epochs={o.tune_epochs} trains the values the refit writes: it needs refit=obs")
-    if getattr(o, "refit", "none") not in ("obs", "none"):
-        raise CapllmError(f"cap option refit={o.refit!r}: use obs or none")
+    if "tune_epochs" in given and getattr(o, "tune_epochs", 0) > 0 and getattr(o, "refit", "none") == "none":
+        raise CapllmError(f"cap option tune_epochs={o.tune_epochs} trains the values the refit writes: it needs refit=obs or reselect")
+    if getattr(o, "refit", "none") not in ("obs", "reselect", "none"):
+        raise CapllmError(f"cap option refit={o.refit!r}: use obs, reselect or none")
     if getattr(o, "loss", "lm") not in ("lm", "recon"):
         raise CapllmError(f"cap option loss={o.loss!r}: use lm or recon")
     if getattr(o, "spread", 0.0) < 0:

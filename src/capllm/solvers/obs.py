@@ -60,7 +60,8 @@ def obs_entry_gain(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
     return gain
 
 
-def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structure=None, blocksize: int = 128, percdamp: float = 0.01, keep_mask: torch.Tensor | None = None):
+def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structure=None, blocksize: int = 128, percdamp: float = 0.01,
+                    keep_mask: torch.Tensor | None = None, reselect: bool = False):
     """Return ``(pruned W, keep mask, info)``; ``H`` is ``E[x xᵀ]`` (n × n).
 
     ``structure`` is ``None`` (unstructured, ``ratio`` of each block pruned) or an N:M pattern,
@@ -68,7 +69,13 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structu
 
     ``keep_mask`` fixes the support instead of choosing it (``ratio`` and ``structure`` are then
     ignored): the OBS updates reconstruct the kept weights for that given mask — CAP's refit.
+    With ``reselect`` the mask fixes only *how many* entries each block of ``blocksize`` columns
+    keeps; which ones is chosen as in the unstructured prune, by ``w²/[Hinv]_jj²`` on the weights
+    as the updates of the earlier blocks left them (CAP's ``refit=reselect``). The kept count of
+    the matrix, and of each column block, is that of ``keep_mask``.
     """
+    if reselect and (keep_mask is None or structure is not None):
+        raise CapllmError("sparsegpt_prune: reselect needs a keep_mask (the counts to keep) and no N:M structure")
     W = weight.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     m, n = W.shape
     L, dead, attempt = damped_cholesky(H, percdamp)
@@ -85,11 +92,11 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structu
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
-        if keep_mask is not None:
+        if keep_mask is not None and not reselect:
             prune1 = ~keep_mask[:, i1:i2].to(W.device)
         elif structure is None:
             score = (W1**2 / d1.unsqueeze(0) ** 2).reshape(-1)
-            k = int(score.numel() * ratio)
+            k = int((~keep_mask[:, i1:i2]).sum()) if reselect else int(score.numel() * ratio)
             if k:
                 prune1.view(-1)[torch.topk(score, k, largest=False, sorted=False).indices] = True
         for i in range(count):
