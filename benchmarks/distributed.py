@@ -19,6 +19,12 @@ On a multi-GPU node the same compression is (one GPU per rank, NCCL):
     torchrun --standalone --nproc-per-node 8 -m capllm compress --model MODEL --method sparsegpt --ratio 0.5 --device cuda
 
 Timings on a shared machine are upper bounds.
+
+The best speed-up the division of each block's matrices allows (every matrix's cost from
+``svd_cost`` / ``solve_cost``, nothing else counted), round robin against the cost-balanced
+``Dist.owners``, without running a compression:
+
+    python benchmarks/distributed.py --plan --model smollm2-135m --ranks 2
 """
 
 from __future__ import annotations
@@ -58,15 +64,48 @@ def run(model: str, method: str, ratio: str, ranks: int, out: Path, extra: list[
             "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
 
 
+def plan(model: str, ranks: int) -> dict:
+    """Σ_blocks total cost ÷ Σ_blocks (the busiest rank's cost), for each cost model and split."""
+    from capllm.engine.distributed import Dist, solve_cost, svd_cost
+    from capllm.models.layers import find_linears
+    from capllm.models.loader import load_model
+
+    handles = find_linears(load_model(model, dtype="float32")[0])
+    blocks: dict[int, list] = {}
+    for h in handles:
+        blocks.setdefault(h.block_index, []).append(h.shape)
+    dist = Dist(rank=0, world=ranks)
+    out = {"model": model, "ranks": ranks, "blocks": len(blocks)}
+    for what, cost in (("stage1_svd", svd_cost), ("layerwise_solve", solve_cost)):
+        total, busiest = 0.0, {"round_robin": 0.0, "cost_balanced": 0.0}
+        for shapes in blocks.values():
+            c = [cost(s) for s in shapes]
+            for split, owners in (("round_robin", [j % ranks for j in range(len(c))]), ("cost_balanced", dist.owners(c))):
+                load = [0.0] * ranks
+                for j, x in enumerate(c):
+                    load[owners[j]] += x
+                busiest[split] += max(load)
+            total += sum(c)
+        out[what] = {split: round(total / b, 3) for split, b in busiest.items()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="sparsegpt")
     ap.add_argument("--ratio", default="0.5")
     ap.add_argument("--ranks", default="1,2")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--plan", action="store_true", help="print the best speed-up each split of the blocks allows, and stop")
     ap.add_argument("extra", nargs="*", help="after --: more capllm compress arguments")
     a = ap.parse_args()
+    if a.plan:
+        for n in (int(x) for x in a.ranks.split(",") if int(x) > 1):
+            print(json.dumps(plan(a.model, n)))
+        return
+    if not a.out:
+        ap.error("--out is required (except with --plan)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(x) for x in a.ranks.split(",")):

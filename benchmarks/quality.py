@@ -85,7 +85,19 @@ def tuning(r: dict) -> str:
         return ""
     drops = [1 - b["held_out_after"] / b["held_out_before"] for b in recs if b["held_out_before"] > 0]
     kept0 = sum(b["kept_epoch"] == 0 for b in recs)
-    return f"held-out block error −{100 * sum(drops) / len(drops):.1f} % (mean of {len(recs)} blocks; {kept0} unchanged)"
+    backed = [len(b.get("backoff_after") or []) for b in recs]
+    backoff = f"; backed off {min(backed)}–{max(backed)} times per block" if any(backed) else ""
+    return f"held-out block error −{100 * sum(drops) / len(drops):.1f} % (mean of {len(recs)} blocks; {kept0} unchanged{backoff})"
+
+
+def reselection(r: dict) -> str:
+    """``refit=reselect``: the share of each matrix's kept sparse entries the OBS pass moved,
+    weighted by the matrix's kept count (from the layer records)."""
+    recs = [(x["support_moved"], x.get("nnz") or 0) for x in r.get("layers") or [] if "support_moved" in x]
+    total = sum(n for _, n in recs)
+    if not recs or not total:
+        return ""
+    return f"support re-chosen: {100 * sum(m * n for m, n in recs) / total:.1f} % of the kept entries moved"
 
 
 def main() -> None:
@@ -103,19 +115,19 @@ def main() -> None:
         base = ref.get(protocol(r))
         rows.append({"model": r["model"]["name"], "method": r["method"], "ratio": r.get("ratio"), "options": changed(r), "perplexity": ppl,
                      f"vs_{a.reference}": None if base is None or ppl is None else ppl / base, "compress_s": (r.get("time_s") or {}).get("compress"),
-                     "lowrank_share": lowrank_share(r), "safety": safety(r), "tuning": tuning(r), "peak_rss_mb": r.get("peak_rss_mb"),
+                     "lowrank_share": lowrank_share(r), "safety": safety(r), "tuning": tuning(r), "refit": reselection(r), "peak_rss_mb": r.get("peak_rss_mb"),
                      "capllm_commit": (r.get("environment") or {}).get("capllm_commit"), "date": r.get("date"), "file": r["_file"],
                      "protocol": dict(zip(("model", "ratio", "dataset", "split", "seqlen", "windows", "calib", "nsamples", "calib_seqlen", "seed"), protocol(r)))})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality.json").write_text(json.dumps(rows, indent=1))
-    lines = [f"| model | method | ratio | options | perplexity | ÷ {a.reference} | compress s | low-rank share | allocation safety | block tuning |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model | method | ratio | options | perplexity | ÷ {a.reference} | compress s | low-rank share | allocation safety | refit / block tuning |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         vs, lr, t = x[f"vs_{a.reference}"], x["lowrank_share"], x["compress_s"]
         vs_s = "" if vs is None else f"{vs:.3f}"
         t_s = "" if t is None else f"{t:.0f}"
         lr_s = "" if lr is None else f"{100 * lr:.2f} %"
         ppl_s = "–" if x["perplexity"] is None else f"{x['perplexity']:.2f}"
-        lines.append(f"| {x['model']} | {x['method']} | {x['ratio']} | {x['options']} | {ppl_s} | {vs_s} | {t_s} | {lr_s} | {x['safety']} | {x['tuning']} |")
+        lines.append(f"| {x['model']} | {x['method']} | {x['ratio']} | {x['options']} | {ppl_s} | {vs_s} | {t_s} | {lr_s} | {x['safety']} | {'; '.join(t for t in (x['refit'], x['tuning']) if t)} |")
     (a.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

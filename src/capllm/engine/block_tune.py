@@ -64,6 +64,11 @@ class BlockTune:
         """Whether ``n_windows`` calibration windows leave both a training and a held-out set."""
         return n_windows >= self.hold_out
 
+    def too_few(self, n_windows: int) -> CapllmError:
+        """The one-line error for a run whose ``n_windows`` do not :meth:`fit`."""
+        return CapllmError(f"block tuning needs at least {self.hold_out} calibration windows (tune_hold_out={self.hold_out}; "
+                           f"got {n_windows}): pass --nsamples ≥ {self.hold_out} or a smaller tune_hold_out")
+
     def check(self, method: str) -> None:
         if self.epochs < 0 or self.batch < 1 or self.lr <= 0 or self.hold_out < 2 or not 0 <= self.backoff < 1:
             raise CapllmError(f"{method}: tune_epochs ≥ 0, tune_batch ≥ 1, tune_lr > 0, tune_hold_out ≥ 2 and 0 ≤ tune_backoff < 1 "
@@ -142,7 +147,7 @@ def tune_block(block: nn.Module, handles: list, results: dict, hidden: list[torc
     held = [g for g in range(n_total) if g % cfg.hold_out == cfg.hold_out - 1]
     train = [g for g in range(n_total) if g % cfg.hold_out != cfg.hold_out - 1]
     if not cfg.fits(n_total):
-        raise CapllmError(f"block tuning needs at least {cfg.hold_out} calibration windows (tune_hold_out={cfg.hold_out}; got {n_total})")
+        raise cfg.too_few(n_total)
     dev = params[0][0].device
     scale = torch.zeros((), dtype=torch.float64, device=dev)
     for g in train:

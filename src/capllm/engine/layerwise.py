@@ -197,8 +197,7 @@ def run_layerwise(ctx: "CompressionContext", method: "Method", checkpoint: "Pass
         why = (f"{len(ctx.calibration.windows)} calibration windows leave none held out for block tuning "
                f"(it holds out every {tune.hold_out}th): the default block tuning is skipped; pass --nsamples ≥ {tune.hold_out} to tune")
         if tune.strict:
-            raise CapllmError(f"block tuning needs at least {tune.hold_out} calibration windows (tune_hold_out={tune.hold_out}; "
-                              f"got {len(ctx.calibration.windows)}): pass --nsamples ≥ {tune.hold_out} or a smaller tune_hold_out")
+            raise tune.too_few(len(ctx.calibration.windows))
         if ctx.dist.is_main:
             print(f"capllm: {why}", file=sys.stderr)
         ctx.extra["block_tune"] = {"skipped": why}
