@@ -168,6 +168,36 @@ def test_guard_applies_the_alternative_of_lowest_loss(tmp_path, monkeypatch):
         assert sum(r.kept_params for r in ctx.records.values()) == ctx.extra["budget"]["achieved"] <= ctx.extra["budget"]["target"]
 
 
+def test_guard_mix_alternatives_lie_between_the_uniform_and_the_global_counts(tmp_path, monkeypatch):
+    """guard=mix0.5 applies, in every matrix, a count half-way between its uniform share and the
+    global selection's (to one candidate's cost), the same total budget, and the matrix's own
+    top-key candidates; a bad α is a one-line error."""
+    from capllm.allocate import guard as guard_mod
+    from capllm.errors import CapllmError
+
+    counts = {}
+    for tag, method, extra in (("global", "cap", {"guard": "none"}), ("uniform", "cap-uniform", {})):
+        ctx = _ctx_held(tiny_model("llama", seed=6))
+        get_method(method)(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), **extra}).compress_model(ctx)
+        counts[tag] = {n: r.kept_params for n, r in ctx.records.items()}
+    assert counts["global"] != counts["uniform"]
+    it = iter([2.0, 1.0])  # global, then mix0.5: the mix wins
+    monkeypatch.setattr(guard_mod, "masked_loss", lambda ctx, decide, windows: next(it))
+    ctx = _ctx_held(tiny_model("llama", seed=6))
+    get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), "guard": "mix0.5", "tune_epochs": "0"}).compress_model(ctx)
+    assert ctx.extra["guard"]["chosen"] == "mix0.5"
+    mixed = {n: r.kept_params for n, r in ctx.records.items()}
+    widest = max(n for n in ctx.records.values() for n in n.shape)  # one direction costs m + n ≤ 2 × the widest side
+    for n, k in mixed.items():
+        want = 0.5 * counts["uniform"][n] + 0.5 * counts["global"][n]
+        assert abs(k - want) <= 2 * widest, n
+    assert sum(mixed.values()) == ctx.extra["budget"]["achieved"] <= ctx.extra["budget"]["target"]
+    assert any(mixed[n] not in (counts["uniform"][n], counts["global"][n]) for n in mixed)
+    for bad in ("mix1.5", "mix", "mixx", "uniform+mix0"):
+        with pytest.raises(CapllmError, match="mix"):
+            get_method("cap")(0.5, None, {"guard": bad})
+
+
 def test_the_default_guard_runs_when_there_are_held_out_windows_and_says_so_when_not(tmp_path, monkeypatch, capsys):
     """guard=auto (the default) is guard=uniform on a run with held-out windows; without them the
     global allocation is applied with a one-line notice and a ``skipped`` record."""

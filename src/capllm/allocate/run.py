@@ -328,6 +328,15 @@ class CapRun:
         for k, h in enumerate(self.ctx.linears):
             store_keep(k, greedy_fill(self.load_key(k), _costs(self._segs[k]), int((1.0 - ratio) * h.numel)))
 
+    def _fill_mixed(self, ratio: float, alpha: float, store_keep) -> None:
+        """Every matrix filled greedily by its own keys to ``(1 − α) u_k + α g_k`` — between its
+        uniform share ``u_k = ⌊(1 − ρ) m n⌋`` (α = 0) and what the global selection gave it,
+        ``g_k`` (α = 1); the budget is the same convex combination of the two equal budgets."""
+        for k, h in enumerate(self.ctx.linears):
+            c = _costs(self._segs[k])
+            g = int(c[self.store.keep(h.name)].sum())
+            store_keep(k, greedy_fill(self.load_key(k), c, int((1.0 - alpha) * int((1.0 - ratio) * h.numel) + alpha * g)))
+
     def select_split(self, budget: int, dir_budget: int) -> dict:
         """``rpca-threshold``: directions by σ within ``dir_budget``, then entries by |S|."""
         return self.store.stage("select") or self._on_main(lambda: self._select_split(budget, dir_budget), "select")
@@ -390,6 +399,8 @@ class CapRun:
         _, store_keep = self.keep_writer(kind=f"keep-{alt}")
         if alt == "block":
             self._select_blocks(ratio, store_keep)
+        elif alt.startswith("mix"):
+            self._fill_mixed(ratio, float(alt[3:]), store_keep)
         else:
             self._fill_uniform(ratio, store_keep)
 

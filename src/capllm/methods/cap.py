@@ -121,7 +121,8 @@ class CapOptions(Stage1Options, BlockTuneOptions):
     # before applying it, keep the lowest loss (capllm.allocate.guard); none = always the selection
     # auto (the measured default: BENCHMARKS.md, CAP quality) = uniform when the run has held-out
     # windows (every `capllm compress` run draws them), else skipped with a notice and a record
-    guard: str = "auto"  # auto | none | uniform | block | block+uniform
+    # mixα = each matrix's count (1 − α) × its uniform share + α × the global selection's
+    guard: str = "auto"  # auto | none | uniform | block | mixα, or several joined by + (block+uniform)
     guard_windows: int = 4
     # our addition: rescale each block's scores by the loss they predict vs the loss measured on
     # the held-out windows (CapRun.calibrate); none = the scores as they are
@@ -143,6 +144,14 @@ def _guard_against(o) -> tuple[str, ...]:
     return () if g == "none" else tuple(dict.fromkeys(a.strip() for a in g.split("+") if a.strip()))
 
 
+def _is_mix(alt: str) -> bool:
+    """``mixα``: each matrix's count between its uniform share (α = 0) and the global one (α = 1)."""
+    try:
+        return alt.startswith("mix") and 0.0 < float(alt[3:]) < 1.0
+    except ValueError:
+        return False
+
+
 def _check_options(o, given: frozenset = frozenset()) -> None:
     if getattr(o, "score", "magnitude") not in ("fisher", "activation", "magnitude", "constant"):
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
@@ -162,8 +171,9 @@ def _check_options(o, given: frozenset = frozenset()) -> None:
         raise CapllmError(f"cap option loss={o.loss!r}: use lm or recon")
     if getattr(o, "spread", 0.0) < 0:
         raise CapllmError(f"cap option spread={o.spread}: must be ≥ 0 (inf = unconstrained)")
-    if getattr(o, "guard", "none") != "none" and (not _guard_against(o) or any(a not in ("uniform", "block") for a in _guard_against(o))):
-        raise CapllmError(f"cap option guard={o.guard!r}: use auto, none, uniform, block or block+uniform")
+    if getattr(o, "guard", "none") != "none" and (not _guard_against(o) or not all(a in ("uniform", "block") or _is_mix(a) for a in _guard_against(o))):
+        raise CapllmError(f"cap option guard={o.guard!r}: use auto, none, or alternatives joined by + among uniform, block and mixα "
+                          f"(0 < α < 1, e.g. uniform+mix0.5)")
     if getattr(o, "scope", "model") not in ("model", "block"):
         raise CapllmError(f"cap option scope={o.scope!r}: use model or block")
     if getattr(o, "scope", "model") == "block" and getattr(o, "spread", float("inf")) != float("inf"):
