@@ -70,7 +70,7 @@ def plan(model: str, ranks: int) -> dict:
     from capllm.models.layers import find_linears
     from capllm.models.loader import load_model
 
-    handles = find_linears(load_model(model, dtype="float32")[0])
+    handles = find_linears(load_model(model)[0])  # the checkpoint's own dtype: only the shapes are read
     blocks: dict[int, list] = {}
     for h in handles:
         blocks.setdefault(h.block_index, []).append(h.shape)

@@ -69,9 +69,8 @@ class _RefitCompressor:
         if bool(d.mask.any()):
             S, keep, _ = sparsegpt_prune(R, self.stats.gram, 0.0, blocksize=self.blocksize, percdamp=self.percdamp, keep_mask=d.mask,
                                          reselect=self.reselect)
-            S = S * keep
+            S, mask = S * keep, keep.to(d.mask.device)  # keep is d.mask unless reselect moved it
             if self.reselect:
-                mask = keep.to(d.mask.device)
                 info["support_moved"] = float((mask & ~d.mask).sum()) / float(d.mask.sum())
             if self.iters > 0:
                 before = float(support_objective(S, R, self.stats.gram).sum())

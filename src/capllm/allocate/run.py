@@ -323,19 +323,16 @@ class CapRun:
         self._fill_uniform(ratio, store_keep)
         return self._finish_select({}, rows, self.budget(ratio))
 
-    def _fill_uniform(self, ratio: float, store_keep) -> None:
-        """Every matrix filled greedily by its own keys to its own share ``⌊(1 − ρ) m n⌋``."""
+    def _fill_uniform(self, ratio: float, store_keep, alpha: float = 0.0) -> None:
+        """Every matrix filled greedily by its own keys to its own share ``u_k = ⌊(1 − ρ) m n⌋``;
+        with ``alpha`` (the guard's ``mixα``) to ``(1 − α) u_k + α g_k`` instead, between that
+        share and what the global selection gave the matrix, ``g_k`` — the budget is the same
+        convex combination of the two equal budgets."""
         for k, h in enumerate(self.ctx.linears):
-            store_keep(k, greedy_fill(self.load_key(k), _costs(self._segs[k]), int((1.0 - ratio) * h.numel)))
-
-    def _fill_mixed(self, ratio: float, alpha: float, store_keep) -> None:
-        """Every matrix filled greedily by its own keys to ``(1 − α) u_k + α g_k`` — between its
-        uniform share ``u_k = ⌊(1 − ρ) m n⌋`` (α = 0) and what the global selection gave it,
-        ``g_k`` (α = 1); the budget is the same convex combination of the two equal budgets."""
-        for k, h in enumerate(self.ctx.linears):
-            c = _costs(self._segs[k])
-            g = int(c[self.store.keep(h.name)].sum())
-            store_keep(k, greedy_fill(self.load_key(k), c, int((1.0 - alpha) * int((1.0 - ratio) * h.numel) + alpha * g)))
+            c, share = _costs(self._segs[k]), int((1.0 - ratio) * h.numel)
+            if alpha:
+                share = int((1.0 - alpha) * share + alpha * int(c[self.store.keep(h.name)].sum()))
+            store_keep(k, greedy_fill(self.load_key(k), c, share))
 
     def select_split(self, budget: int, dir_budget: int) -> dict:
         """``rpca-threshold``: directions by σ within ``dir_budget``, then entries by |S|."""
@@ -399,10 +396,8 @@ class CapRun:
         _, store_keep = self.keep_writer(kind=f"keep-{alt}")
         if alt == "block":
             self._select_blocks(ratio, store_keep)
-        elif alt.startswith("mix"):
-            self._fill_mixed(ratio, float(alt[3:]), store_keep)
         else:
-            self._fill_uniform(ratio, store_keep)
+            self._fill_uniform(ratio, store_keep, mix_alpha(alt) or 0.0)
 
     def _guard_losses(self, ratio: float, windows: torch.Tensor, against: tuple[str, ...]) -> dict:
         from capllm.allocate.guard import masked_loss
@@ -456,6 +451,15 @@ class CapRun:
 
     def keys_in_memory(self) -> torch.Tensor:
         return torch.cat([self.load_key(k) for k in range(len(self.ctx.linears))])
+
+
+def mix_alpha(alt: str) -> float | None:
+    """α of a guard alternative ``mixα`` (0 < α < 1; :meth:`CapRun._fill_uniform`), else ``None``."""
+    try:
+        a = float(alt[3:]) if alt.startswith("mix") else None
+    except ValueError:
+        return None
+    return a if a is not None and 0.0 < a < 1.0 else None
 
 
 def _costs(seg: Segment) -> torch.Tensor:

@@ -30,7 +30,8 @@ besides the OBS refit (``refit=obs``, on):
 
 * ``entry_score=obs`` — an entry is priced by its removal *with* its row compensating,
   ``½ S_ij² G_ii / [A⁻¹]_jj`` (:func:`capllm.solvers.obs.obs_entry_gain`), as the refit realises
-  (measured on Gemma-3-270M at 50 %, global and unguarded, untuned: 389.98, against K-FAC's 209.15);
+  (measured on Gemma-3-270M at 50 %, global and unguarded, untuned: 389.98, against K-FAC's 209.15
+  on older code);
 * ``entry_score=diag`` — an entry is priced by the exact diagonal of the empirical Fisher,
   ``½ S_ij² E_t[g_ti² x_tj²]``, not K-FAC's ``½ S_ij² E[g_i²] E[x_j²]`` (measured on Gemma-3-270M
   at 50 %: held-out loss of the global allocation 5.050 against the uniform split's 5.168, where
@@ -78,7 +79,7 @@ import torch.nn.functional as F
 from capllm.allocate.final_mask import greedy_fill
 from capllm.allocate.policy import PolicyConfig, run_policy
 from capllm.allocate.pools import CandidatePools, MatrixPool
-from capllm.allocate.run import CapRun, open_store
+from capllm.allocate.run import CapRun, mix_alpha, open_store
 from capllm.allocate.scores import initial_probabilities
 from capllm.allocate.stage1 import Stage1Options
 from capllm.engine.block_tune import BlockTuneOptions
@@ -149,14 +150,6 @@ def _guard_against(o) -> tuple[str, ...]:
     return () if g == "none" else tuple(dict.fromkeys(a.strip() for a in g.split("+") if a.strip()))
 
 
-def _is_mix(alt: str) -> bool:
-    """``mixα``: each matrix's count between its uniform share (α = 0) and the global one (α = 1)."""
-    try:
-        return alt.startswith("mix") and 0.0 < float(alt[3:]) < 1.0
-    except ValueError:
-        return False
-
-
 def _check_options(o, given: frozenset = frozenset()) -> None:
     if getattr(o, "score", "magnitude") not in ("fisher", "activation", "magnitude", "constant"):
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
@@ -176,7 +169,7 @@ def _check_options(o, given: frozenset = frozenset()) -> None:
         raise CapllmError(f"cap option loss={o.loss!r}: use lm or recon")
     if getattr(o, "spread", 0.0) < 0:
         raise CapllmError(f"cap option spread={o.spread}: must be ≥ 0 (inf = unconstrained)")
-    if getattr(o, "guard", "none") != "none" and (not _guard_against(o) or not all(a in ("uniform", "block") or _is_mix(a) for a in _guard_against(o))):
+    if getattr(o, "guard", "none") != "none" and (not _guard_against(o) or not all(a in ("uniform", "block") or mix_alpha(a) is not None for a in _guard_against(o))):
         raise CapllmError(f"cap option guard={o.guard!r}: use auto, none, or alternatives joined by + among uniform, block and mixα "
                           f"(0 < α < 1, e.g. uniform+mix0.5)")
     if getattr(o, "scope", "model") not in ("model", "block"):
