@@ -51,6 +51,15 @@ def changed(r: dict) -> str:
         diff = {k: v for k, v in diff.items() if not k.startswith("tune_")}
     if not opts.get("tune_epochs"):  # block tuning off: its other options did nothing
         diff = {k: v for k, v in diff.items() if not k.startswith("tune_") or k == "tune_epochs"}
+    from capllm.methods.cap import GUARD_AUTO
+
+    g = (r.get("method_results") or {}).get("guard") or {}
+    if opts.get("guard") == "auto" and g.get("against") is not None:  # what auto meant when the cell ran
+        ran = "+".join(g["against"])
+        if ran != GUARD_AUTO:
+            diff["guard"] = f"{ran} (auto then)"
+    elif opts.get("guard") == GUARD_AUTO:  # spelled out: what auto is today
+        diff.pop("guard", None)
     if r["method"] == "cap-uniform":  # it has no allocation to guard
         diff.pop("guard", None)
     return ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) or "defaults"

@@ -203,15 +203,17 @@ def test_guard_mix_alternatives_lie_between_the_uniform_and_the_global_counts(tm
 
 
 def test_the_default_guard_runs_when_there_are_held_out_windows_and_says_so_when_not(tmp_path, monkeypatch, capsys):
-    """guard=auto (the default) is guard=uniform on a run with held-out windows; without them the
-    global allocation is applied with a one-line notice and a ``skipped`` record."""
+    """guard=auto (the default) is guard=uniform+mix0.25+mix0.5+mix0.75 on a run with held-out
+    windows (the lowest held-out loss wins, here the planted mix0.5); without them the global
+    allocation is applied with a one-line notice and a ``skipped`` record."""
     from capllm.allocate import guard as guard_mod
 
-    it = iter([2.0, 1.0])
+    it = iter([2.0, 1.5, 1.2, 1.0, 1.1])
     monkeypatch.setattr(guard_mod, "masked_loss", lambda ctx, decide, windows: next(it))
     ctx = _ctx_held(tiny_model("llama", seed=6))
     get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1")}).compress_model(ctx)
-    assert ctx.extra["guard"]["losses"] == {"global": 2.0, "uniform": 1.0} and ctx.extra["guard"]["chosen"] == "uniform"
+    assert ctx.extra["guard"]["losses"] == {"global": 2.0, "uniform": 1.5, "mix0.25": 1.2, "mix0.5": 1.0, "mix0.75": 1.1}
+    assert ctx.extra["guard"]["chosen"] == "mix0.5"
     from test_cap import _ctx
 
     ctx = _ctx(tiny_model("llama", seed=6))

@@ -102,3 +102,24 @@ def test_cells_on_several_processes_launch_through_torchrun(tmp_path):
     assert cmd[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] and cmd[6:9] == ["-m", "capllm", "compress"]
     one = cell_command(BenchConfig(models=("m",), methods=("sparsegpt",), ratios=(0.5,), out=str(tmp_path), python="py"), Cell("m", "sparsegpt", 0.5), Path("c"))
     assert one[:4] == ["py", "-m", "capllm", "compress"]
+
+
+def test_quality_table_names_what_guard_auto_meant_when_each_cell_ran():
+    """benchmarks/quality.py labels a cell by the options that differ from today's defaults: a cell
+    whose ``guard=auto`` checked only ``uniform`` (auto before the mix alternatives) is labelled so,
+    and one that spelled out today's auto reads ``defaults``."""
+    import importlib.util
+    from pathlib import Path
+
+    from capllm.methods.cap import GUARD_AUTO
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    cell = lambda guard, against: {"method": "cap", "method_options": {"guard": guard, "tune_epochs": 10},
+                                   "method_results": {"guard": {"against": against, "losses": {}, "chosen": "global"}}}
+    assert q.changed(cell("auto", ["uniform"])) == "guard=uniform (auto then)"
+    assert q.changed(cell("auto", GUARD_AUTO.split("+"))) == "defaults"
+    assert q.changed(cell(GUARD_AUTO, GUARD_AUTO.split("+"))) == "defaults"
+    assert q.changed(cell("block+uniform", ["block", "uniform"])) == "guard=block+uniform"
+    assert q.changed({"method": "cap", "method_options": {}}) == "guard=none, tune_epochs=0"  # from before both options

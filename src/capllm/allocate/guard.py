@@ -10,9 +10,12 @@ has seen (:attr:`capllm.data.calibration.CalibrationSet.held_out`):
 
 with every decoder linear set to ``W̃ = U' diag(σ') V'ᵀ + S'`` — the Stage 1 values of the
 kept directions and entries, before the refit (:func:`masked_loss`) — for the global mask and
-for the uniform split (each matrix ``⌊(1 − ρ) m n⌋``, the same scores: ``cap-uniform``), and
-keeps the global one unless the uniform one's loss is lower. Both losses and the choice are in
-``result.json`` (``method_results.guard``).
+for each alternative: the uniform split (each matrix ``⌊(1 − ρ) m n⌋``, the same scores:
+``cap-uniform``), the ranking inside each block (``block``), and the mixes ``mixα`` (each matrix's
+count ``(1 − α) n_uniform + α n_global``, filled by its own keys) — and keeps the global one unless
+an alternative's loss is lower. The default (``guard=auto``) checks ``uniform`` and ``mix0.25``,
+``mix0.5``, ``mix0.75``: on both models measured the best allocation is an interior mix, below
+both ends. Every loss and the choice are in ``result.json`` (``method_results.guard``).
 
 The loss is the block-wise evaluator's (:func:`capllm.eval.perplexity.blockwise_window_nll`: one
 block on the device, the windows' hidden states on CPU, the head on 128 tokens at a time); the
