@@ -164,7 +164,9 @@ def test_guard_switches_to_the_uniform_split_only_when_it_is_better(tmp_path, mo
 
     opts = {"rpca_max_iter": "20", "stage1_dir": str(tmp_path / "s1")}
     runs = {}
-    for tag, method, extra in (("plain", "cap", {}), ("uniform", "cap-uniform", {})):
+    for tag, method, extra in (("plain", "cap", {"guard": "uniform"}), ("uniform", "cap-uniform", {})):
+        first = iter([1.0, 2.0])  # the global allocation kept: the plain run is the unguarded selection
+        monkeypatch.setattr(guard_mod, "masked_loss", lambda ctx, decide, windows: next(first))
         model = tiny_model("llama", seed=6)
         ctx = _ctx_held(model)
         get_method(method)(0.5, None, {**opts, **extra}).compress_model(ctx)
