@@ -123,3 +123,20 @@ def test_quality_table_names_what_guard_auto_meant_when_each_cell_ran():
     assert q.changed(cell(GUARD_AUTO, GUARD_AUTO.split("+"))) == "defaults"
     assert q.changed(cell("block+uniform", ["block", "uniform"])) == "guard=block+uniform"
     assert q.changed({"method": "cap", "method_options": {}}) == "guard=none, tune_epochs=0"  # from before both options
+
+
+def test_guard_curve_reads_the_mix_line_from_the_guard_records(tmp_path):
+    """benchmarks/guard_curve.py puts uniform at α = 0, global at 1 and mixα at α, skips other
+    alternatives (block) and cells without mixes, and keeps the fuller of two records of a model."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("guard_curve", Path(__file__).parents[1] / "benchmarks" / "guard_curve.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    cell = lambda losses, chosen: {"model": {"name": "m"}, "ratio": 0.5, "method_results": {"guard": {"losses": losses, "chosen": chosen, "windows": 4, "seqlen": 8}}}
+    cs = gc.curves([cell({"global": 3.0, "uniform": 4.0}, "global"),
+                    cell({"global": 3.0, "uniform": 4.0, "block": 1.0, "mix0.5": 2.0}, "block"),
+                    cell({"global": 3.0, "uniform": 4.0, "mix0.25": 2.5, "mix0.5": 2.0, "mix0.75": 2.2}, "mix0.5")])
+    assert cs == {"m 50 %": {"points": [(0.0, 4.0), (0.25, 2.5), (0.5, 2.0), (0.75, 2.2), (1.0, 3.0)], "chosen": "mix0.5", "windows": 4, "seqlen": 8}}
+    assert gc.alpha_of("mixx") is None and gc.alpha_of("block") is None
