@@ -378,8 +378,9 @@ class CapRun:
     # --- the allocation guard -------------------------------------------------------------------
     def guard(self, sel: dict, ratio: float, windows: torch.Tensor | None, against: tuple[str, ...] = ("uniform",)) -> tuple[dict, dict]:
         """Check the selected (global) mask against each allocation of ``against`` — ``uniform``
-        (every matrix its own share, ``cap-uniform``) and/or ``block`` (the ranking inside each
-        block, every block its own share) — on held-out windows (:mod:`capllm.allocate.guard`);
+        (every matrix its own share, ``cap-uniform``), ``block`` (the ranking inside each block,
+        every block its own share) and ``mixα`` (every matrix ``(1 − α)`` × its uniform count +
+        ``α`` × the global one's) — on held-out windows (:mod:`capllm.allocate.guard`);
         the one of lowest loss becomes the mask. Returns ``(selection, guard record)``; resumable
         (the choice is recorded before it is applied)."""
         if windows is None or len(windows) == 0:
