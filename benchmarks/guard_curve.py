@@ -19,17 +19,10 @@ from pathlib import Path
 
 
 def alpha_of(name: str) -> float | None:
-    """α of an alternative's name: uniform 0, global 1, mixα α; block and others: None."""
-    if name == "uniform":
-        return 0.0
-    if name == "global":
-        return 1.0
-    if name.startswith("mix"):
-        try:
-            return float(name[3:])
-        except ValueError:
-            return None
-    return None
+    """α of an alternative's name: uniform 0, global 1, mixα α (the guard's own parser); block and others: None."""
+    from capllm.allocate.run import mix_alpha
+
+    return {"uniform": 0.0, "global": 1.0}.get(name, mix_alpha(name))
 
 
 def curves(cells: list[dict]) -> dict[str, dict]:
