@@ -140,3 +140,41 @@ def test_guard_curve_reads_the_mix_line_from_the_guard_records(tmp_path):
                     cell({"global": 3.0, "uniform": 4.0, "mix0.25": 2.5, "mix0.5": 2.0, "mix0.75": 2.2}, "mix0.5")])
     assert cs == {"m 50 %": {"points": [(0.0, 4.0), (0.25, 2.5), (0.5, 2.0), (0.75, 2.2), (1.0, 3.0)], "chosen": "mix0.5", "windows": 4, "seqlen": 8}}
     assert gc.alpha_of("mixx") is None and gc.alpha_of("block") is None
+
+
+def test_zeroshot_compare_margin_and_its_standard_error(tmp_path):
+    """benchmarks/zeroshot_compare.py: the eight-task mean, the margin over the reference row and
+    the error of that margin equal a direct computation on planted accuracies; rows evaluated on
+    different documents (another --limit) are refused instead of compared."""
+    import importlib.util
+    import json
+    import math
+    from pathlib import Path
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("zeroshot_compare", Path(__file__).parents[1] / "benchmarks" / "zeroshot_compare.py")
+    zc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zc)
+    tasks = zc.PAPER
+
+    def result(acc: float, n: int = 400) -> dict:
+        per = {t: {"acc": acc + 0.01 * i, "primary_metric": "acc", "n": n, "seed": 0, "limit": n} for i, t in enumerate(tasks)}
+        per["lambada_openai"] = {"acc": 0.9, "primary_metric": "acc", "n": n, "seed": 0, "limit": n}  # not one of the eight
+        return {"zeroshot": {"tasks": per}, "perplexity": {"value": 10.0}}
+
+    a, b = result(0.5), result(0.4)
+    md = zc.table([("a", a), ("b", b)], ref="b")
+    pa = [0.5 + 0.01 * i for i in range(8)]
+    pb = [0.4 + 0.01 * i for i in range(8)]
+    se = lambda ps: math.sqrt(sum(p * (1 - p) / 400 for p in ps)) / 8
+    row_a = next(line for line in md.splitlines() if line.startswith("| a |"))
+    assert f"{100 * sum(pa) / 8:.2f} ± {100 * se(pa):.2f}" in row_a
+    assert row_a.endswith(f"| +10.00 ± {100 * math.hypot(se(pa), se(pb)):.2f} |")
+    assert f"{100 * sum(p for p, t in zip(pa, tasks) if t != 'boolq') / 7:.2f}" in row_a
+    with pytest.raises(SystemExit, match="other documents"):
+        zc.table([("a", a), ("c", result(0.5, n=300))], ref="a")
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"zeroshot": {}}))
+    with pytest.raises(SystemExit, match="no zero-shot results"):
+        zc.load(f"x={f}")
