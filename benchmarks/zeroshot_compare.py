@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "grid"))
-from summarize import PAPER, mean, se_of_mean, zs_scores  # noqa: E402
+from summarize import PAPER, zs_margin, zs_scores, zs_summary  # noqa: E402
 
 
 def load(spec: str) -> tuple[str, dict]:
@@ -55,19 +54,18 @@ def table(rows: list[tuple[str, dict]], ref: str | None) -> str:
     scores = {label: zs_scores(r) for label, r in rows}
     if ref is not None and ref not in scores:
         raise SystemExit(f"zeroshot_compare: --ref {ref} is not one of {', '.join(scores)}")
+    summary = {label: zs_summary(s) for label, s in scores.items()}
     tasks = [t for t in PAPER if t in first]
     head = ["model", "ppl", *tasks, "mean", "mean w/o boolq"] + ([f"− {ref} (points ± s.e.)"] if ref else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows:
-        s = scores[label]
-        m, se = 100 * mean(p for p, _ in s.values()), 100 * se_of_mean(s)
-        nob = 100 * mean(p for t, (p, _) in s.items() if t != "boolq")
+        s, z = scores[label], summary[label]
         ppl = (r.get("perplexity") or {}).get("value")
-        cells = [label, f"{ppl:.2f}" if ppl else "–", *(f"{100 * s[t][0]:.1f}" for t in tasks), f"{m:.2f} ± {se:.2f}", f"{nob:.2f}"]
+        cells = [label, f"{ppl:.2f}" if ppl else "–", *(f"{100 * s[t][0]:.1f}" for t in tasks),
+                 f"{100 * z['mean']:.2f} ± {100 * z['se']:.2f}", f"{100 * z['mean_without_boolq']:.2f}"]
         if ref:
-            sr = scores[ref]
-            d = m - 100 * mean(p for p, _ in sr.values())
-            cells.append("–" if label == ref else f"{d:+.2f} ± {100 * math.hypot(se_of_mean(s), se_of_mean(sr)):.2f}")
+            d, se = zs_margin(z, summary[ref])
+            cells.append("–" if label == ref else f"{d:+.2f} ± {se:.2f}")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

@@ -64,6 +64,17 @@ def se_of_mean(scores: dict[str, tuple[float, int]]) -> float:
     return math.sqrt(sum(p * (1 - p) / n for p, n in scores.values())) / k if k else float("nan")
 
 
+def zs_summary(scores: dict[str, tuple[float, int]]) -> dict[str, float | None]:
+    """The eight-task mean, the same mean without BoolQ and the mean's standard error (fractions)."""
+    return {"mean": mean(p for p, _ in scores.values()), "mean_without_boolq": mean(p for t, (p, _) in scores.items() if t != "boolq"),
+            "se": se_of_mean(scores)}
+
+
+def zs_margin(a: dict, b: dict) -> tuple[float, float]:
+    """``a − b`` of two ``zs_summary`` means in points, and its (unpaired) standard error."""
+    return 100 * (a["mean"] - b["mean"]), 100 * math.hypot(a["se"], b["se"])
+
+
 def fmt_ppl(x: float) -> str:
     return f"{x:.3g}" if x >= 1e4 else f"{x:.2f}"
 
@@ -86,9 +97,9 @@ def main() -> None:
             if c is None:
                 continue
             zs = zs_scores(c)
-            row = {"method": m, "ratio": r, "ppl": c["perplexity"]["value"], "zs_mean": mean(p for p, _ in zs.values()),
-                   "zs_mean_without_boolq": mean(p for t, (p, _) in zs.items() if t != "boolq"), "zs_se": se_of_mean(zs),
-                   "tasks": len(zs), "gen_agreement": (c.get("generation") or {}).get("agreement"),
+            z = zs_summary(zs)
+            row = {"method": m, "ratio": r, "ppl": c["perplexity"]["value"], "zs_mean": z["mean"],
+                   "zs_mean_without_boolq": z["mean_without_boolq"], "zs_se": z["se"], "tasks": len(zs), "gen_agreement": (c.get("generation") or {}).get("agreement"),
                    "device": c.get("device"), "compress_s": c["time_s"].get("compress"), "kept_linear": c["params"]["kept_linear"],
                    "options": c.get("method_options")}
             rows.append(row)
@@ -113,8 +124,7 @@ def main() -> None:
             if cap is None or x is None:
                 cols.append("–")
                 continue
-            d = 100 * (cap["zs_mean"] - x["zs_mean"])
-            se = 100 * math.hypot(cap["zs_se"], x["zs_se"])
+            d, se = zs_margin({"mean": cap["zs_mean"], "se": cap["zs_se"]}, {"mean": x["zs_mean"], "se": x["zs_se"]})
             cols.append(f"{cap['ppl'] / x['ppl']:.3g}× / {d:+.2f} ± {se:.2f}")
             out["cap_vs"].append({"method": m, "ratio": r, "ppl_ratio": cap["ppl"] / x["ppl"], "zs_diff_points": d, "zs_diff_se": se})
         md.append(f"| {m} | " + " | ".join(cols) + " |")
