@@ -36,7 +36,7 @@ def _isas():
     if cpu_build.load() is None:
         return []
     best = cpu_build.best_isa()
-    return {"avx512": ["scalar", "avx2", "avx512", "avx512-rowwise"], "avx2": ["scalar", "avx2"], "scalar": ["scalar"]}[best]
+    return {"avx512": ["scalar", "avx2", "avx2-rowwise", "avx512", "avx512-rowwise"], "avx2": ["scalar", "avx2", "avx2-rowwise"], "scalar": ["scalar"]}[best]
 
 
 def test_the_cpu_kernel_builds_here():
@@ -87,6 +87,34 @@ def test_fused_low_rank_sparse_layer_in_one_call(rank, bias):
         for isa in _isas() or ["auto"]:
             got = P.matmul(x, isa, U=U, V=V, bias=b)
             assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), (isa, T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_unpack_rows_with_the_low_rank_part_on_every_path(dtype):
+    """``unpack_rows`` writes rows [r0, r1) of ``S + U Vᵀ`` (AVX-512 and AVX2, four rows at a time
+    or one, with the rank-r FMAs fused into the store; scalar with a separate add), against
+    float64; row ranges that are not multiples of the 4-row block, odd widths, rank 0..5."""
+    isas = _isas()
+    if not isas:
+        pytest.skip(f"no CPU kernel: {cpu_build.unavailable_reason()}")
+    import capllm.kernels.bitmask as bitmask
+
+    ops = cpu_build.load()
+    g = torch.Generator().manual_seed(11)
+    for (m, n) in [(1, 1), (7, 17), (13, 70), (10, 33)]:
+        S = _sparse((m, n), 0.5, seed=m + n)
+        P = BitmaskMatrix.from_dense(S, dtype)
+        for rank in (0, 1, 5):
+            U, V = torch.randn(m, rank, generator=g), torch.randn(n, rank, generator=g)
+            want = S.to(dtype).double() + U.double() @ V.double().t()
+            for r0, r1 in [(0, m), (1, m), (0, m - 1), (m // 2, m)]:
+                for isa in isas:
+                    out = torch.full((r1 - r0, n), float("nan"))
+                    got = ops.unpack_rows(P.values, P.bitmask, P.row_ptr, n, r0, r1, out, bitmask._ISA[isa],
+                                          U if rank else None, V.t().contiguous() if rank else None)
+                    assert got.data_ptr() == out.data_ptr()
+                    err = (got.double() - want[r0:r1]).abs().max().item() if r1 > r0 else 0.0
+                    assert err <= 1e-5 * max(1.0, want.abs().max().item()), (m, n, rank, r0, r1, isa)
 
 
 @pytest.mark.parametrize("chunk_bytes", [4 << 20, 4 * 70 * 5, 1])

@@ -28,6 +28,11 @@ from capllm.kernels import cpu_build, reference
 
 PAD = 16
 PREFILL_CHUNK_BYTES = 4 << 20
+# Up to this rank the prefill unpack adds U Vᵀ as it stores (r broadcast FMAs per 8/16 columns);
+# beyond it MKL's addmm on the unpacked block is faster. `benchmarks/prefill_breakdown.py` on the
+# four SmolLM2 shapes (AVX2, 1 and 2 threads), fused / addmm: 0.59-0.71 at r = 1, 0.73-0.94 at 4,
+# 0.96-1.30 at 8, 1.19-1.65 at 16.
+FUSED_UNPACK_MAX_RANK = 4
 _tls = threading.local()
 
 
@@ -39,7 +44,7 @@ def _workspace(numel: int) -> torch.Tensor:
             ws = _tls.ws = torch.empty(numel, dtype=torch.float32)
     return ws
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ISA = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512-rowwise": 4}
+_ISA = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512-rowwise": 4, "avx2-rowwise": 5}  # *-rowwise: one row at a time (tests, A/B)
 
 
 def _triton():
@@ -139,7 +144,8 @@ class BitmaskMatrix:
                        bias: torch.Tensor | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
         """``x (S + U Vᵀ)ᵀ + bias`` for many tokens: the dense GEMM, on ``S`` unpacked a block of rows
         at a time (≤ ``chunk_bytes``, into one reused per-thread buffer) with ``U Vᵀ`` added to the
-        block, so no call allocates a dense matrix. CPU + fp32 with the compiled kernel; anywhere
+        block — by the unpack itself, as it stores, up to rank ``FUSED_UNPACK_MAX_RANK`` (no second
+        pass over the buffer), by one ``addmm`` beyond it — so no call allocates a dense matrix. CPU + fp32 with the compiled kernel; anywhere
         else one unpack of the whole ``S``."""
         m, n = self.shape
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, U, V, bias))
@@ -153,10 +159,13 @@ class BitmaskMatrix:
         rows = max(1, min(m, (chunk_bytes or PREFILL_CHUNK_BYTES) // (4 * max(n, 1))))
         ws = _workspace(rows * n)
         y = torch.empty(x2.shape[0], m, dtype=torch.float32)
+        rank = 0 if U is None else U.shape[1]
+        fuse = 0 < rank <= FUSED_UNPACK_MAX_RANK
+        U32, Vt32 = (U.float().contiguous(), V.t().float().contiguous()) if fuse else (None, None)
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
-            Wc = ops.unpack_rows(self.values, self.bitmask, self.row_ptr, n, r0, r1, ws[: (r1 - r0) * n].view(r1 - r0, n), 0)
-            if U is not None:
+            Wc = ops.unpack_rows(self.values, self.bitmask, self.row_ptr, n, r0, r1, ws[: (r1 - r0) * n].view(r1 - r0, n), 0, U32, Vt32)
+            if rank and not fuse:
                 Wc.addmm_(U[r0:r1], V.t())
             torch.mm(x2, Wc.t(), out=y[:, r0:r1] if rows < m else y)
         if bias is not None:

@@ -14,6 +14,11 @@
 // does the same 8 columns at a time with a 256-entry permutation table; the scalar path walks
 // the set bits. Rows are divided among torch's intra-op threads (at::parallel_for).
 //
+// unpack_rows (the prefill path) writes rows of S (+ U Vᵀ) dense into a caller's buffer, four
+// rows side by side so their popcount -> load chains overlap (AVX2, 576 x 576: 30 % faster than
+// one row at a time, as fast as a plain copy of the dense matrix); at small rank the low-rank
+// rows are added in registers before the store (bitmask.py FUSED_UNPACK_MAX_RANK says up to which rank).
+//
 // Exactness: every path sums row i's products in the same per-lane order within a path; paths
 // differ from each other and from a dense GEMV only by floating-point summation order.
 #include <torch/library.h>
@@ -26,7 +31,7 @@
 namespace {
 
 enum ValueType { F32 = 0, BF16 = 1, F16 = 2 };
-enum Isa { AUTO = 0, SCALAR = 1, AVX2 = 2, AVX512 = 3, AVX512_ROWWISE = 4 };  // 4: one row at a time (for tests and A/B)
+enum Isa { AUTO = 0, SCALAR = 1, AVX2 = 2, AVX512 = 3, AVX512_ROWWISE = 4, AVX2_ROWWISE = 5 };  // 4, 5: one row at a time (for tests and A/B)
 
 struct Problem {
   const float* x;      // (T, n) fp32
@@ -203,24 +208,51 @@ AVX512_TARGET void rows_avx512_blocked(const Problem& P, int64_t r0, int64_t r1,
   if (i < r1) rows_avx512_tb<VT, TB>(P, i, r1, t0);
 }
 
-template <int VT>
-AVX512_TARGET void unpack_avx512(const Problem& P, int64_t r0, int64_t r1) {
+// Rows [i0, i0 + RB) of S (+ U Vᵀ), dense fp32. RB rows side by side: their popcount -> load
+// chains are independent (one row's chain alone leaves the core waiting: the single-row unpack
+// barely gained from a second thread), and with a low-rank part each 16 columns of Vᵀ are loaded
+// once for all RB rows and added as r broadcast FMAs per row, before the one store, so S + U Vᵀ
+// costs no second pass over the buffer. `Lr` (the rank, 0 = none) is a run-time value; U is
+// (m, r) and Vt (r, n), both fp32 contiguous.
+template <int VT, int RB>
+AVX512_TARGET void unpack_avx512_rb(const Problem& P, int64_t i0, const float* U, const float* Vt, int64_t Lr) {
   const int64_t n = P.n, full = n / 16, rem = n - 16 * full;
   const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
-  for (int64_t i = r0; i < r1; ++i) {
-    const uint8_t* b = P.bm + i * P.nb;
-    int64_t p = P.rp[i];
-    float* out = P.y + i * n;
-    for (int64_t k = 0; k < full; ++k) {
-      uint32_t m0 = mask16(b, k, P.nb);
-      _mm512_storeu_ps(out + 16 * k, _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p)));
-      p += __builtin_popcount(m0);
+  const uint8_t* b[RB];
+  int64_t p[RB];
+  float* out[RB];
+  for (int r = 0; r < RB; ++r) {
+    b[r] = P.bm + (i0 + r) * P.nb;
+    p[r] = P.rp[i0 + r];
+    out[r] = P.y + (i0 + r) * n;
+  }
+  for (int64_t k = 0; k <= full; ++k) {
+    const bool last = k == full;
+    if (last && !rem) break;
+    __m512 w[RB];
+    for (int r = 0; r < RB; ++r) {
+      uint32_t mk = mask16(b[r], k, P.nb);
+      if (last) mk &= tail;
+      w[r] = _mm512_maskz_expand_ps(static_cast<__mmask16>(mk), load16<VT>(P.values, p[r]));
+      p[r] += __builtin_popcount(mk);
     }
-    if (rem) {
-      uint32_t m0 = mask16(b, full, P.nb) & tail;
-      _mm512_mask_storeu_ps(out + 16 * full, tail, _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p)));
+    for (int64_t q = 0; q < Lr; ++q) {
+      const float* vq = Vt + q * n + 16 * k;
+      __m512 v = last ? _mm512_maskz_loadu_ps(tail, vq) : _mm512_loadu_ps(vq);
+      for (int r = 0; r < RB; ++r) w[r] = _mm512_fmadd_ps(_mm512_set1_ps(U[(i0 + r) * Lr + q]), v, w[r]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      if (last) _mm512_mask_storeu_ps(out[r] + 16 * k, tail, w[r]);
+      else _mm512_storeu_ps(out[r] + 16 * k, w[r]);
     }
   }
+}
+
+template <int VT>
+AVX512_TARGET void unpack_avx512(const Problem& P, int64_t r0, int64_t r1, const float* U, const float* Vt, int64_t Lr, bool blocked) {
+  int64_t i = r0;
+  for (; blocked && i + 4 <= r1; i += 4) unpack_avx512_rb<VT, 4>(P, i, U, Vt, Lr);
+  for (; i < r1; ++i) unpack_avx512_rb<VT, 1>(P, i, U, Vt, Lr);
 }
 
 // ---------------------------------------------------------------- AVX2
@@ -294,24 +326,45 @@ AVX2_TARGET void rows_avx2_tb(const Problem& P, int64_t r0, int64_t r1, int64_t 
   }
 }
 
-template <int VT>
-AVX2_TARGET void unpack_avx2(const Problem& P, int64_t r0, int64_t r1) {
+// The AVX2 twin of unpack_avx512_rb: RB rows side by side, 8 columns at a time, U Vᵀ fused.
+template <int VT, int RB>
+AVX2_TARGET void unpack_avx2_rb(const Problem& P, int64_t i0, const float* U, const float* Vt, int64_t Lr) {
   const int64_t n = P.n, full = n / 8, rem = n - 8 * full;
   const __m256i tail = tail_mask8(rem);
-  for (int64_t i = r0; i < r1; ++i) {
-    const uint8_t* b = P.bm + i * P.nb;
-    int64_t p = P.rp[i];
-    float* out = P.y + i * n;
-    for (int64_t k = 0; k < full; ++k) {
-      unsigned bits = b[k];
-      _mm256_storeu_ps(out + 8 * k, expand8(bits, load8<VT>(P.values, p)));
-      p += __builtin_popcount(bits);
+  const uint8_t* b[RB];
+  int64_t p[RB];
+  float* out[RB];
+  for (int r = 0; r < RB; ++r) {
+    b[r] = P.bm + (i0 + r) * P.nb;
+    p[r] = P.rp[i0 + r];
+    out[r] = P.y + (i0 + r) * n;
+  }
+  for (int64_t k = 0; k <= full; ++k) {
+    const bool last = k == full;
+    if (last && !rem) break;
+    __m256 w[RB];
+    for (int r = 0; r < RB; ++r) {
+      unsigned bits = last ? (b[r][full] & ((1u << rem) - 1u)) : b[r][k];
+      w[r] = expand8(bits, load8<VT>(P.values, p[r]));
+      p[r] += __builtin_popcount(bits);
     }
-    if (rem) {
-      unsigned bits = b[full] & ((1u << rem) - 1u);
-      _mm256_maskstore_ps(out + 8 * full, tail, expand8(bits, load8<VT>(P.values, p)));
+    for (int64_t q = 0; q < Lr; ++q) {
+      const float* vq = Vt + q * n + 8 * k;
+      __m256 v = last ? _mm256_maskload_ps(vq, tail) : _mm256_loadu_ps(vq);
+      for (int r = 0; r < RB; ++r) w[r] = _mm256_fmadd_ps(_mm256_set1_ps(U[(i0 + r) * Lr + q]), v, w[r]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      if (last) _mm256_maskstore_ps(out[r] + 8 * k, tail, w[r]);
+      else _mm256_storeu_ps(out[r] + 8 * k, w[r]);
     }
   }
+}
+
+template <int VT>
+AVX2_TARGET void unpack_avx2(const Problem& P, int64_t r0, int64_t r1, const float* U, const float* Vt, int64_t Lr, bool blocked) {
+  int64_t i = r0;
+  for (; blocked && i + 4 <= r1; i += 4) unpack_avx2_rb<VT, 4>(P, i, U, Vt, Lr);
+  for (; i < r1; ++i) unpack_avx2_rb<VT, 1>(P, i, U, Vt, Lr);
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -320,8 +373,8 @@ int resolve_isa(int64_t isa) {
   static const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (isa == AUTO) return has512 ? AVX512 : has2 ? AVX2 : SCALAR;
   TORCH_CHECK((isa != AVX512 && isa != AVX512_ROWWISE) || has512, "capllm kernel: this CPU has no AVX-512");
-  TORCH_CHECK(isa != AVX2 || has2, "capllm kernel: this CPU has no AVX2/FMA/F16C");
-  TORCH_CHECK(isa >= SCALAR && isa <= AVX512_ROWWISE, "capllm kernel: unknown isa ", isa);
+  TORCH_CHECK((isa != AVX2 && isa != AVX2_ROWWISE) || has2, "capllm kernel: this CPU has no AVX2/FMA/F16C");
+  TORCH_CHECK(isa >= SCALAR && isa <= AVX2_ROWWISE, "capllm kernel: unknown isa ", isa);
   return static_cast<int>(isa);
 }
 
@@ -442,35 +495,66 @@ at::Tensor bitmask_spmv_fused(const at::Tensor& x_in, const at::Tensor& values, 
   return y;
 }
 
-// Rows [r0, r1) of S, dense fp32, into `out` ((r1 - r0) x n, contiguous): the prefill path
-// unpacks a few MB at a time into one reused buffer, so no call allocates (or page-faults) a
-// whole dense matrix.
+// Rows [i0, i1) of out += U Vᵀ, plain C++ (the scalar unpack; the vector ones fuse it into the store).
+void add_lowrank_rows(const Problem& P, int64_t i0, int64_t i1, const float* U, const float* Vt, int64_t Lr) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float* out = P.y + i * P.n;
+    for (int64_t q = 0; q < Lr; ++q) {
+      const float u = U[i * Lr + q];
+      const float* v = Vt + q * P.n;
+      for (int64_t j = 0; j < P.n; ++j) out[j] += u * v[j];
+    }
+  }
+}
+
+// Rows [r0, r1) of S (+ U Vᵀ when U (m, r) and Vt (r, n) are given), dense fp32, into `out`
+// ((r1 - r0) x n, contiguous): the prefill path unpacks a few MB at a time into one reused buffer,
+// so no call allocates (or page-faults) a whole dense matrix, and the low-rank part rides along.
 at::Tensor bitmask_unpack_rows(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n, int64_t r0, int64_t r1,
-                               at::Tensor out, int64_t isa_req) {
+                               at::Tensor out, int64_t isa_req, const c10::optional<at::Tensor>& U_in, const c10::optional<at::Tensor>& Vt_in) {
   Problem P = make_problem(values, bitmask, row_ptr, n);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= P.m, "capllm kernel: rows [", r0, ", ", r1, ") outside 0..", P.m);
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == (r1 - r0) * n, "capllm kernel: out must be a contiguous float32 ((r1 - r0) x n) tensor");
+  const bool lr = U_in.has_value() && U_in->defined() && U_in->numel() > 0;
+  at::Tensor U, Vt;
+  int64_t Lr = 0;
+  if (lr) {
+    TORCH_CHECK(Vt_in.has_value() && Vt_in->defined(), "capllm kernel: U without Vt");
+    TORCH_CHECK(U_in->dim() == 2 && U_in->size(0) == P.m && Vt_in->dim() == 2 && Vt_in->size(1) == n && Vt_in->size(0) == U_in->size(1),
+                "capllm kernel: U (m, r) and Vt (r, n) do not fit");
+    U = U_in->to(at::kFloat).contiguous();
+    Vt = Vt_in->to(at::kFloat).contiguous();
+    Lr = U.size(1);
+  }
+  const float* up = lr ? U.data_ptr<float>() : nullptr;
+  const float* vp = lr ? Vt.data_ptr<float>() : nullptr;
   P.y = out.data_ptr<float>() - r0 * n;  // row i lands at out[(i - r0) * n]
   const int vt = value_type(values);
   const int isa = resolve_isa(isa_req);
-  at::parallel_for(r0, r1, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t a, int64_t b) {  // as for_rows
-    if (isa == SCALAR) { unpack_scalar(P, vt, a, b); return; }
+  at::parallel_for(r0, r1, std::max<int64_t>(4, 32768 / std::max<int64_t>(n, 1)), [&](int64_t a, int64_t b) {  // as for_rows
     if (isa == AVX512 || isa == AVX512_ROWWISE) {
-      if (vt == F32) unpack_avx512<F32>(P, a, b);
-      else if (vt == BF16) unpack_avx512<BF16>(P, a, b);
-      else unpack_avx512<F16>(P, a, b);
-    } else {
-      if (vt == F32) unpack_avx2<F32>(P, a, b);
-      else if (vt == BF16) unpack_avx2<BF16>(P, a, b);
-      else unpack_avx2<F16>(P, a, b);
+      const bool blocked = isa == AVX512;  // ROWWISE: one row at a time (for A/B)
+      if (vt == F32) unpack_avx512<F32>(P, a, b, up, vp, Lr, blocked);
+      else if (vt == BF16) unpack_avx512<BF16>(P, a, b, up, vp, Lr, blocked);
+      else unpack_avx512<F16>(P, a, b, up, vp, Lr, blocked);
+      return;
     }
+    if (isa == AVX2 || isa == AVX2_ROWWISE) {
+      const bool blocked = isa == AVX2;
+      if (vt == F32) unpack_avx2<F32>(P, a, b, up, vp, Lr, blocked);
+      else if (vt == BF16) unpack_avx2<BF16>(P, a, b, up, vp, Lr, blocked);
+      else unpack_avx2<F16>(P, a, b, up, vp, Lr, blocked);
+      return;
+    }
+    unpack_scalar(P, vt, a, b);
+    if (lr) add_lowrank_rows(P, a, b, up, vp, Lr);
   });
   return out;
 }
 
 at::Tensor bitmask_unpack(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n, int64_t isa_req) {
   const int64_t m = bitmask.size(0);
-  return bitmask_unpack_rows(values, bitmask, row_ptr, n, 0, m, at::empty({m, n}, values.options().dtype(at::kFloat)), isa_req);
+  return bitmask_unpack_rows(values, bitmask, row_ptr, n, 0, m, at::empty({m, n}, values.options().dtype(at::kFloat)), isa_req, c10::nullopt, c10::nullopt);
 }
 
 int64_t best_isa() { return resolve_isa(AUTO); }
@@ -481,7 +565,7 @@ TORCH_LIBRARY(capllm_bitmask, m) {
   m.def("spmv(Tensor x, Tensor values, Tensor bitmask, Tensor row_ptr, int isa=0) -> Tensor");
   m.def("spmv_fused(Tensor x, Tensor values, Tensor bitmask, Tensor row_ptr, Tensor? U, Tensor? V, Tensor? bias, int isa=0) -> Tensor");
   m.def("unpack(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int isa=0) -> Tensor");
-  m.def("unpack_rows(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int r0, int r1, Tensor(a!) out, int isa=0) -> Tensor(a!)");
+  m.def("unpack_rows(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int r0, int r1, Tensor(a!) out, int isa=0, Tensor? U=None, Tensor? Vt=None) -> Tensor(a!)");
   m.def("best_isa", &best_isa);
 }
 
