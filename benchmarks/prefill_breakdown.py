@@ -1,12 +1,12 @@
-"""Where a compressed layer's prefill time goes, per matrix shape: dense ``F.linear`` against the
-packed layer's ``linear_prefill`` (unpack a row block into a reused buffer, then the GEMM) and the
-unpack alone, at 50 % density, 512 tokens, 1 and 2 threads, in one process (medians, interleaved
-is not needed: each case runs back to back on the same tensors).
+"""Where a compressed layer's prefill time goes, per matrix shape, as shares of dense ``F.linear``:
+the packed layer's ``linear_prefill`` (unpack a row block of ``S (+ U Vᵀ)`` into a reused buffer,
+then the GEMM) at rank 0 and rank ``--rank``, the unpack alone one row at a time and four rows at a
+time, and the low-rank part fused into the unpack against the unpack + MKL ``addmm`` at ranks
+1 / 4 / 8 / 16. 50 % density, 512 tokens, 1 and 2 threads, one process; every case of a shape is
+interleaved over ``--rounds`` rounds and the fastest run of each is reported (on a shared VM two
+identical GEMMs on different tensors differ by a few per cent: read smaller differences as noise).
 
-    python benchmarks/prefill_breakdown.py [--tokens 512] [--shapes 576x576,192x576,1536x576,576x1536]
-
-Prints one line per case; on a shared machine two identical GEMMs on different tensors already
-differ by a few per cent, so read differences below ~4 % as noise.
+    python benchmarks/prefill_breakdown.py [--tokens 512] [--shapes 576x576,192x576,1536x576,576x1536] [--rank 16]
 """
 
 from __future__ import annotations
@@ -17,42 +17,62 @@ import time
 import torch
 
 from capllm.kernels import BitmaskMatrix, cpu_build
-from capllm.kernels.bitmask import _workspace
+from capllm.kernels.bitmask import _ISA, _workspace
 
 
-def _median_ms(f, reps: int = 20) -> float:
-    f(); f()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2] * 1e3
+def _fastest_ms(cases: dict, rounds: int) -> dict[str, float]:
+    for f in cases.values():
+        f(), f()
+    runs = {k: [] for k in cases}
+    for _ in range(rounds):
+        for k, f in cases.items():
+            t = time.perf_counter()
+            f()
+            runs[k].append(time.perf_counter() - t)
+    return {k: min(v) * 1e3 for k, v in runs.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--shapes", default="576x576,192x576,1536x576,576x1536")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=25)
     a = ap.parse_args()
     ops = cpu_build.load()
     if ops is None:
         raise SystemExit(f"no CPU kernel: {cpu_build.unavailable_reason()}")
+    isa = cpu_build.best_isa()
+    rowwise, blocked = _ISA[f"{isa}-rowwise"] if isa != "scalar" else 1, _ISA[isa]
+    print(f"ISA {isa}, {a.tokens} tokens, 50 % density; shares of dense F.linear (fastest of {a.rounds} interleaved rounds)")
     torch.manual_seed(0)
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for spec in a.shapes.split(","):
             m, n = (int(v) for v in spec.split("x"))
-            W = torch.randn(m, n) * (torch.rand(m, n) < 0.5)
-            P = BitmaskMatrix.from_dense(W)
+            S = torch.randn(m, n) * (torch.rand(m, n) < 0.5)
+            P = BitmaskMatrix.from_dense(S)
             x = torch.randn(a.tokens, n)
             ws = _workspace(m * n)[: m * n].view(m, n)
+            W = S.clone()
+            lr = {r: (torch.randn(m, r), torch.randn(n, r)) for r in sorted({1, 4, 8, 16, a.rank})}
+
+            def unpack(code, U=None, Vt=None):
+                return ops.unpack_rows(P.values, P.bitmask, P.row_ptr, n, 0, m, ws, code, U, Vt)
+
+            cases = {"dense": lambda: torch.nn.functional.linear(x, W),
+                     "prefill r0": lambda: P.linear_prefill(x),
+                     f"prefill r{a.rank}": lambda: P.linear_prefill(x, *lr[a.rank]),
+                     "unpack 1 row": lambda: unpack(rowwise),
+                     "unpack 4 rows": lambda: unpack(blocked)}
+            for r, (U, V) in lr.items():
+                Vt = V.t().contiguous()
+                cases[f"fused r{r}"] = lambda U=U, Vt=Vt: unpack(blocked, U, Vt)
+                cases[f"addmm r{r}"] = lambda U=U, V=V: unpack(blocked).addmm_(U, V.t())
             with torch.inference_mode():
-                dense = _median_ms(lambda: torch.nn.functional.linear(x, W))
-                prefill = _median_ms(lambda: P.linear_prefill(x))
-                unpack = _median_ms(lambda: ops.unpack_rows(P.values, P.bitmask, P.row_ptr, n, 0, m, ws, 0))
-            print(f"threads {threads} {m}x{n}: dense {dense:.3f} ms, prefill {prefill:.3f} ms ({prefill / dense:.3f}x), "
-                  f"unpack {unpack:.3f} ms ({unpack / dense:.3f} of dense)", flush=True)
+                t = _fastest_ms(cases, a.rounds)
+            dense = t.pop("dense")
+            print(f"threads {threads} {m}x{n}: dense {dense:.3f} ms | " + " | ".join(f"{k} {v / dense:.3f}" for k, v in t.items()), flush=True)
 
 
 if __name__ == "__main__":
