@@ -30,8 +30,8 @@ PAD = 16
 PREFILL_CHUNK_BYTES = 4 << 20
 # Up to this rank the prefill unpack adds U Vᵀ as it stores (r broadcast FMAs per 8/16 columns);
 # beyond it MKL's addmm on the unpacked block is faster. `benchmarks/prefill_breakdown.py` on the
-# four SmolLM2 shapes (AVX2, 1 and 2 threads), fused / addmm: 0.59-0.71 at r = 1, 0.73-0.94 at 4,
-# 0.96-1.30 at 8, 1.19-1.65 at 16.
+# four SmolLM2 shapes (AVX2, 1 and 2 threads), fused / addmm: 0.62-0.71 at r = 1, 0.72-0.88 at 4,
+# 0.95-1.30 at 8, 1.20-1.65 at 16.
 FUSED_UNPACK_MAX_RANK = 4
 _tls = threading.local()
 
