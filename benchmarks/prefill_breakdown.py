@@ -1,7 +1,7 @@
 """Where a compressed layer's prefill time goes, per matrix shape, as shares of dense ``F.linear``:
 the packed layer's ``linear_prefill`` (unpack a row block of ``S (+ U Vᵀ)`` into a reused buffer,
 then the GEMM) at rank 0 and rank ``--rank``, the unpack alone one row at a time and four rows at a
-time, and the low-rank part fused into the unpack against the unpack + MKL ``addmm`` at ranks
+time (beside a plain ``copy_`` of the dense ``S``, the same bytes written), and the low-rank part fused into the unpack against the unpack + MKL ``addmm`` at ranks
 1 / 4 / 8 / 16. 50 % density, 512 tokens, 1 and 2 threads, one process; every case of a shape is
 interleaved over ``--rounds`` rounds and the fastest run of each is reported (on a shared VM two
 identical GEMMs on different tensors differ by a few per cent: read smaller differences as noise).
@@ -54,17 +54,17 @@ def main() -> None:
             P = BitmaskMatrix.from_dense(S)
             x = torch.randn(a.tokens, n)
             ws = _workspace(m * n)[: m * n].view(m, n)
-            W = S.clone()
             lr = {r: (torch.randn(m, r), torch.randn(n, r)) for r in sorted({1, 4, 8, 16, a.rank})}
 
             def unpack(code, U=None, Vt=None):
                 return ops.unpack_rows(P.values, P.bitmask, P.row_ptr, n, 0, m, ws, code, U, Vt)
 
-            cases = {"dense": lambda: torch.nn.functional.linear(x, W),
+            cases = {"dense": lambda: torch.nn.functional.linear(x, S),
                      "prefill r0": lambda: P.linear_prefill(x),
                      f"prefill r{a.rank}": lambda: P.linear_prefill(x, *lr[a.rank]),
                      "unpack 1 row": lambda: unpack(rowwise),
-                     "unpack 4 rows": lambda: unpack(blocked)}
+                     "unpack 4 rows": lambda: unpack(blocked),
+                     "copy_ of dense S": lambda: ws.copy_(S)}  # the same bytes written: the unpack's floor
             for r, (U, V) in lr.items():
                 Vt = V.t().contiguous()
                 cases[f"fused r{r}"] = lambda U=U, Vt=Vt: unpack(blocked, U, Vt)

@@ -126,17 +126,18 @@ def test_prefill_in_row_blocks_equals_the_dense_layer(chunk_bytes, monkeypatch):
 
     monkeypatch.setattr(bitmask, "_tls", threading.local())  # no buffer yet: the first call makes it
     g = torch.Generator().manual_seed(7)
-    m, n, r = 23, 70, 3
+    m, n = 23, 70
     S = _sparse((m, n), 0.5, seed=8)
-    U, V, b = torch.randn(m, r, generator=g), torch.randn(n, r, generator=g), torch.randn(m, generator=g)
-    x = torch.randn(2, 40, n, generator=g)
-    want = x.double() @ (S.double() + U.double() @ V.double().t()).t() + b.double()
     P = BitmaskMatrix.from_dense(S)
-    with torch.inference_mode():  # the reused buffer made under inference mode must work outside it too
-        inside = P.linear_prefill(x, U, V, b, chunk_bytes=chunk_bytes)
-    got = P.linear_prefill(x, U, V, b, chunk_bytes=chunk_bytes)
-    assert got.shape == (2, 40, m) and (got.double() - want).abs().max() <= 1e-5 * want.abs().max().item()
-    assert torch.equal(inside, got)
+    for r in (3, bitmask.FUSED_UNPACK_MAX_RANK + 2):  # U Vᵀ fused into the unpack, and by addmm
+        U, V, b = torch.randn(m, r, generator=g), torch.randn(n, r, generator=g), torch.randn(m, generator=g)
+        x = torch.randn(2, 40, n, generator=g)
+        want = x.double() @ (S.double() + U.double() @ V.double().t()).t() + b.double()
+        with torch.inference_mode():  # the reused buffer made under inference mode must work outside it too
+            inside = P.linear_prefill(x, U, V, b, chunk_bytes=chunk_bytes)
+        got = P.linear_prefill(x, U, V, b, chunk_bytes=chunk_bytes)
+        assert got.shape == (2, 40, m) and (got.double() - want).abs().max() <= 1e-5 * want.abs().max().item()
+        assert torch.equal(inside, got)
 
 
 def test_kernel_keeps_leading_dims_and_dtype_and_refuses_a_wrong_width():

@@ -30,8 +30,8 @@ PAD = 16
 PREFILL_CHUNK_BYTES = 4 << 20
 # Up to this rank the prefill unpack adds U Vᵀ as it stores (r broadcast FMAs per 8/16 columns);
 # beyond it MKL's addmm on the unpacked block is faster. `benchmarks/prefill_breakdown.py` on the
-# four SmolLM2 shapes (AVX2, 1 and 2 threads), fused / addmm: 0.62-0.71 at r = 1, 0.72-0.88 at 4,
-# 0.95-1.30 at 8, 1.20-1.65 at 16.
+# four SmolLM2 shapes (AVX2, 1 and 2 threads), fused / addmm: 0.68-0.88 at r = 1, 0.69-0.93 at 4,
+# 0.93-1.18 at 8, 1.20-1.79 at 16.
 FUSED_UNPACK_MAX_RANK = 4
 _tls = threading.local()
 
@@ -161,10 +161,10 @@ class BitmaskMatrix:
         y = torch.empty(x2.shape[0], m, dtype=torch.float32)
         rank = 0 if U is None else U.shape[1]
         fuse = 0 < rank <= FUSED_UNPACK_MAX_RANK
-        U32, Vt32 = (U.float().contiguous(), V.t().float().contiguous()) if fuse else (None, None)
+        U_f, Vt_f = (U, V.t()) if fuse else (None, None)  # the kernel makes them fp32 contiguous
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
-            Wc = ops.unpack_rows(self.values, self.bitmask, self.row_ptr, n, r0, r1, ws[: (r1 - r0) * n].view(r1 - r0, n), 0, U32, Vt32)
+            Wc = ops.unpack_rows(self.values, self.bitmask, self.row_ptr, n, r0, r1, ws[: (r1 - r0) * n].view(r1 - r0, n), 0, U_f, Vt_f)
             if rank and not fuse:
                 Wc.addmm_(U[r0:r1], V.t())
             torch.mm(x2, Wc.t(), out=y[:, r0:r1] if rows < m else y)

@@ -15,8 +15,8 @@
 // the set bits. Rows are divided among torch's intra-op threads (at::parallel_for).
 //
 // unpack_rows (the prefill path) writes rows of S (+ U Vᵀ) dense into a caller's buffer, four
-// rows side by side so their popcount -> load chains overlap (AVX2, 576 x 576: 30 % faster than
-// one row at a time, as fast as a plain copy of the dense matrix); at small rank the low-rank
+// rows side by side so their popcount -> load chains overlap (AVX2, SmolLM2 shapes: 4-26 % less
+// time than one row at a time, 0.85-1.28x a plain copy of the dense matrix); at small rank the low-rank
 // rows are added in registers before the store (bitmask.py FUSED_UNPACK_MAX_RANK says up to which rank).
 //
 // Exactness: every path sums row i's products in the same per-lane order within a path; paths
@@ -248,13 +248,6 @@ AVX512_TARGET void unpack_avx512_rb(const Problem& P, int64_t i0, const float* U
   }
 }
 
-template <int VT>
-AVX512_TARGET void unpack_avx512(const Problem& P, int64_t r0, int64_t r1, const float* U, const float* Vt, int64_t Lr, bool blocked) {
-  int64_t i = r0;
-  for (; blocked && i + 4 <= r1; i += 4) unpack_avx512_rb<VT, 4>(P, i, U, Vt, Lr);
-  for (; i < r1; ++i) unpack_avx512_rb<VT, 1>(P, i, U, Vt, Lr);
-}
-
 // ---------------------------------------------------------------- AVX2
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c,popcnt")))
 
@@ -358,13 +351,6 @@ AVX2_TARGET void unpack_avx2_rb(const Problem& P, int64_t i0, const float* U, co
       else _mm256_storeu_ps(out[r] + 8 * k, w[r]);
     }
   }
-}
-
-template <int VT>
-AVX2_TARGET void unpack_avx2(const Problem& P, int64_t r0, int64_t r1, const float* U, const float* Vt, int64_t Lr, bool blocked) {
-  int64_t i = r0;
-  for (; blocked && i + 4 <= r1; i += 4) unpack_avx2_rb<VT, 4>(P, i, U, Vt, Lr);
-  for (; i < r1; ++i) unpack_avx2_rb<VT, 1>(P, i, U, Vt, Lr);
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -495,6 +481,16 @@ at::Tensor bitmask_spmv_fused(const at::Tensor& x_in, const at::Tensor& values, 
   return y;
 }
 
+// Rows [r0, r1) of S (+ U Vᵀ) by the vector unpacks: four rows at a time, then the rest one by
+// one (the *_ROWWISE isas: all one by one, for tests and A/B).
+template <int VT>
+void unpack_vector(const Problem& P, int isa, int64_t r0, int64_t r1, const float* U, const float* Vt, int64_t Lr) {
+  const bool avx512 = isa == AVX512 || isa == AVX512_ROWWISE, blocked = isa == AVX512 || isa == AVX2;
+  int64_t i = r0;
+  for (; blocked && i + 4 <= r1; i += 4) avx512 ? unpack_avx512_rb<VT, 4>(P, i, U, Vt, Lr) : unpack_avx2_rb<VT, 4>(P, i, U, Vt, Lr);
+  for (; i < r1; ++i) avx512 ? unpack_avx512_rb<VT, 1>(P, i, U, Vt, Lr) : unpack_avx2_rb<VT, 1>(P, i, U, Vt, Lr);
+}
+
 // Rows [i0, i1) of out += U Vᵀ, plain C++ (the scalar unpack; the vector ones fuse it into the store).
 void add_lowrank_rows(const Problem& P, int64_t i0, int64_t i1, const float* U, const float* Vt, int64_t Lr) {
   for (int64_t i = i0; i < i1; ++i) {
@@ -531,23 +527,13 @@ at::Tensor bitmask_unpack_rows(const at::Tensor& values, const at::Tensor& bitma
   P.y = out.data_ptr<float>() - r0 * n;  // row i lands at out[(i - r0) * n]
   const int vt = value_type(values);
   const int isa = resolve_isa(isa_req);
-  at::parallel_for(r0, r1, std::max<int64_t>(4, 32768 / std::max<int64_t>(n, 1)), [&](int64_t a, int64_t b) {  // as for_rows
-    if (isa == AVX512 || isa == AVX512_ROWWISE) {
-      const bool blocked = isa == AVX512;  // ROWWISE: one row at a time (for A/B)
-      if (vt == F32) unpack_avx512<F32>(P, a, b, up, vp, Lr, blocked);
-      else if (vt == BF16) unpack_avx512<BF16>(P, a, b, up, vp, Lr, blocked);
-      else unpack_avx512<F16>(P, a, b, up, vp, Lr, blocked);
-      return;
-    }
-    if (isa == AVX2 || isa == AVX2_ROWWISE) {
-      const bool blocked = isa == AVX2;
-      if (vt == F32) unpack_avx2<F32>(P, a, b, up, vp, Lr, blocked);
-      else if (vt == BF16) unpack_avx2<BF16>(P, a, b, up, vp, Lr, blocked);
-      else unpack_avx2<F16>(P, a, b, up, vp, Lr, blocked);
-      return;
-    }
-    unpack_scalar(P, vt, a, b);
-    if (lr) add_lowrank_rows(P, a, b, up, vp, Lr);
+  at::parallel_for(r0, r1, std::max<int64_t>(4, 32768 / std::max<int64_t>(n, 1)), [&](int64_t a, int64_t b) {  // ~32k entries, >= one 4-row block per task
+    if (isa == SCALAR) {
+      unpack_scalar(P, vt, a, b);
+      if (lr) add_lowrank_rows(P, a, b, up, vp, Lr);
+    } else if (vt == F32) unpack_vector<F32>(P, isa, a, b, up, vp, Lr);
+    else if (vt == BF16) unpack_vector<BF16>(P, isa, a, b, up, vp, Lr);
+    else unpack_vector<F16>(P, isa, a, b, up, vp, Lr);
   });
   return out;
 }
