@@ -1,0 +1,114 @@
+"""The CPU decode kernel of this checkout against the kernel of another git revision, in one process.
+
+    python benchmarks/decode_ab.py --against HEAD~1 [--density 0.5] [--rounds 21] [--out ab.json]
+
+Builds ``src/capllm/kernels/bitmask_cpu.cpp`` as it was at ``--against`` under another operator
+namespace (``capllm_bitmask_ab``, in ``$CAPLLM_CACHE/kernels/ab-<rev>``), then for each SmolLM2
+decode shape, value dtype, token count and thread count interleaves dense ``F.linear`` (fp32
+weights), the other revision's ``spmv`` and this checkout's, ``--rounds`` times, and prints each
+kernel's speed-up over dense (median of the rounds). Every case cycles through distinct copies
+of its matrix (≥ 96 MB, above the L3), as a decode step does, so the numbers are DRAM-bound.
+A timing on a shared machine is an upper bound on the time; the ratios are taken in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = "src/capllm/kernels/bitmask_cpu.cpp"
+SHAPES = {"q/o_proj": (576, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536), "k/v_proj": (192, 576)}
+
+
+def build_other(rev: str):
+    """torch.ops.capllm_bitmask_ab: the kernel source of ``rev``, built once per revision."""
+    from torch.utils import cpp_extension
+
+    from capllm.utils import cache_dir
+
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True)
+    if sha.returncode:
+        raise SystemExit(f"decode_ab: '{rev}' is not a revision of this repository ({sha.stderr.strip()})")
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{sha.stdout.strip()}:{SOURCE}"], capture_output=True, text=True)
+    if src.returncode:
+        raise SystemExit(f"decode_ab: {rev} has no {SOURCE}")
+    text = src.stdout.replace("TORCH_LIBRARY(capllm_bitmask,", "TORCH_LIBRARY(capllm_bitmask_ab,").replace("TORCH_LIBRARY_IMPL(capllm_bitmask,", "TORCH_LIBRARY_IMPL(capllm_bitmask_ab,")
+    build = cache_dir() / "kernels" / f"ab-{sha.stdout.strip()}"
+    build.mkdir(parents=True, exist_ok=True)
+    cpp = build / "bitmask_ab.cpp"
+    cpp.write_text(text)
+    cpp_extension.load(name="capllm_bitmask_ab", sources=[str(cpp)], build_directory=str(build), extra_cflags=["-O3", "-fno-math-errno"], is_python_module=False, verbose=False)
+    return torch.ops.capllm_bitmask_ab, sha.stdout.strip()
+
+
+def interleaved(fns: dict, rounds: int) -> dict:
+    """Median seconds per call of each function, the functions taking turns every round."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--against", required=True, help="git revision whose kernel to compare with")
+    ap.add_argument("--density", type=float, action="append", default=None, help="fraction of entries kept (repeatable; default 0.5)")
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--tokens", type=int, action="append", default=None, help="batch sizes (repeatable; default 1 and 4)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from capllm.kernels import BitmaskMatrix, cpu_build
+
+    ours = cpu_build.load()
+    if ours is None:
+        raise SystemExit(f"decode_ab: no CPU kernel here: {cpu_build.unavailable_reason()}")
+    other, sha = build_other(args.against)
+    head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            for density in args.density or [0.5]:
+                for name, (m, n) in SHAPES.items():
+                    copies = max(2, int(96e6 // (m * n * 4)))
+                    dense = [torch.randn(m, n, generator=g) * (torch.rand(m, n, generator=g) < density) for _ in range(copies)]
+                    packs = [BitmaskMatrix.from_dense(w, dtype) for w in dense]
+                    for T in args.tokens or [1, 4]:
+                        x = torch.randn(T, n, generator=g)
+                        for threads in (1, 2):
+                            torch.set_num_threads(threads)
+                            t = interleaved({
+                                "dense": lambda: [F.linear(x, w) for w in dense],
+                                "against": lambda: [other.spmv(x, p.values, p.bitmask, p.row_ptr, 0) for p in packs],
+                                "this": lambda: [ours.spmv(x, p.values, p.bitmask, p.row_ptr, 0) for p in packs],
+                            }, args.rounds)
+                            row = {"values": str(dtype).removeprefix("torch."), "density": density, "matrix": name, "shape": [m, n], "tokens": T, "threads": threads,
+                                   "copies": copies, "dense_us": round(t["dense"] / copies * 1e6, 1),
+                                   f"speedup_{sha}": round(t["dense"] / t["against"], 3), f"speedup_{head}": round(t["dense"] / t["this"], 3)}
+                            rows.append(row)
+                            print(f"{row['values']:8s} density {density} {name:12s} {m}x{n} T={T} {threads}t  dense {row['dense_us']:.0f} us  "
+                                  f"{sha} {row[f'speedup_{sha}']:.2f}x  {head} {row[f'speedup_{head}']:.2f}x", flush=True)
+    if args.out:
+        doc = {"against": sha, "this": head, "rounds": args.rounds, "isa": cpu_build.best_isa(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
