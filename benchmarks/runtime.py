@@ -15,6 +15,9 @@ Two parts, one JSON (``benchmarks/results/runtime/<name>.json``), a markdown tab
   prefill forward of 512 tokens, median of 3; at 1 and 2 threads. Compressed models are loaded
   with ``capllm.load_compressed`` (``--execution``, default ``auto``); the dense baseline is the
   same architecture's uncompressed checkpoint in the same dtype.
+* ``interleaved`` (``--interleaved ROUNDS``) — every model loaded into one process, their
+  prefills and decodes taking turns ROUNDS times per thread count: on a machine whose speed
+  drifts (a shared VM) these ratios are the ones to compare; they give no peak RSS.
 
     python benchmarks/runtime.py --dense smollm2-135m --compressed /path/to/cap50 --name smollm2-135m
 
@@ -195,6 +198,62 @@ def measure_model(source: str, execution: str, sparse_dtype: str | None, new_tok
     return out
 
 
+def measure_interleaved(specs: list, new_tokens: int, rounds: int, device: str = "cpu") -> dict:
+    """All models in this one process, taking turns: per thread count, ``rounds`` times each model's
+    512-token prefill and then each model's greedy decode. Drift on a shared machine then falls on
+    every model alike, which separate processes (needed for each one's peak RSS) cannot give;
+    ratios against the first (dense) model, of medians and of the fastest runs."""
+    import torch
+
+    import capllm
+
+    models = []
+    for src, ex, sd, label in specs:
+        compressed = (Path(src) / "config.json").is_file() and "capllm" in json.loads((Path(src) / "config.json").read_text())
+        if compressed:
+            model, _ = capllm.load_compressed(src, device=device, execution=ex, sparse_dtype=sd)
+        else:
+            model, _ = capllm.load_model(src, dtype=torch.float32)
+            if device != "cpu":
+                model.to(device=device, dtype=torch.bfloat16)
+        models.append((label, model.eval()))
+    vocab = models[0][1].config.vocab_size
+    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    long = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(1)).to(device)
+    gen = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    out = {"rounds": rounds, "labels": [label for label, _ in models]}
+    with torch.inference_mode():
+        for threads in ((1, 2) if device == "cpu" else (1,)):
+            if device == "cpu":
+                torch.set_num_threads(threads)
+            pre = {label: [] for label, _ in models}
+            dec = {label: [] for label, _ in models}
+            for _, m in models:
+                m(long)
+                m.generate(prompt, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
+            for _ in range(rounds):
+                for label, m in models:
+                    _sync(device)
+                    t = time.perf_counter()
+                    m(long)
+                    _sync(device)
+                    pre[label].append((time.perf_counter() - t) * 1e3)
+                for label, m in models:
+                    _sync(device)
+                    t = time.perf_counter()
+                    m.generate(prompt, **gen)
+                    _sync(device)
+                    dec[label].append(new_tokens / (time.perf_counter() - t))
+            base = models[0][0]
+            out[f"threads{threads}"] = {label: {
+                "prefill_512_ms": round(statistics.median(pre[label]), 1), "prefill_512_ms_min": round(min(pre[label]), 1),
+                "prefill_vs_first": round(statistics.median(pre[label]) / statistics.median(pre[base]), 3),
+                "prefill_vs_first_fastest": round(min(pre[label]) / min(pre[base]), 3),
+                "decode_tok_s": round(statistics.median(dec[label]), 2), "decode_vs_first": round(statistics.median(dec[label]) / statistics.median(dec[base]), 3),
+                "prefill_512_ms_all": [round(v, 1) for v in pre[label]], "decode_tok_s_all": [round(v, 2) for v in dec[label]]} for label, _ in models}
+    return out
+
+
 def model_row(source: str, execution: str, sparse_dtype: str | None, new_tokens: int, repeats: int, label: str, device: str = "cpu", prefill_repeats: int = 7) -> dict:
     cmd = [sys.executable, __file__, "--_measure", source, "--execution", execution, "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--device", device,
            "--prefill-repeats", str(prefill_repeats)]
@@ -256,6 +315,13 @@ def tables(doc: dict) -> str:
                 paths = ", ".join(f"{n} {p}" for p, n in (r.get("paths") or {}).items()) or "–"
                 L.append(f"| {r['label']} | {r['execution']} | {t} | {a['decode_tok_s']:.1f} | **{a['decode_tok_s'] / b['decode_tok_s']:.2f}×** | {a['prefill_512_ms']:.0f} | "
                          f"{a['prefill_512_ms'] / b['prefill_512_ms']:.2f}× ({_min_ratio(a, b)}) | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}× | {paths} |")
+    if doc.get("interleaved"):
+        iv = doc["interleaved"]
+        L += ["", f"**In one process, interleaved** ({iv['rounds']} rounds: each model's {PREFILL}-token prefill, then each model's decode; ratios against the first model)", "",
+              "| model | threads | prefill 512 ms | vs dense (fastest runs) | decode tok/s | vs dense |", "|---|---|---|---|---|---|"]
+        for t in (1, 2):
+            for label, r in (iv.get(f"threads{t}") or {}).items():
+                L.append(f"| {label} | {t} | {r['prefill_512_ms']:.0f} | {r['prefill_vs_first']:.3f}× ({r['prefill_vs_first_fastest']:.3f}×) | {r['decode_tok_s']:.1f} | {r['decode_vs_first']:.2f}× |")
     return "\n".join(L)
 
 
@@ -302,11 +368,17 @@ def main() -> None:
     ap.add_argument("--from-rows", type=Path, default=None, metavar="LOG",
                     help="no measuring: rebuild the JSON and tables from the per-model rows an interrupted run printed (one JSON object per line, "
                          "in the order dense, compressed…; each full set of --compressed/--bf16-values models is one round)")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                    help="also load every model into one process and alternate their prefills and decodes ROUNDS times (ratios robust to drift; no peak RSS)")
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_interleaved", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sparse-dtype", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._measure:
         print(json.dumps(measure_model(a._measure, a.execution, a.sparse_dtype, a.new_tokens, a.repeats, a.device, a.prefill_repeats)))
+        return
+    if a._interleaved:
+        print(json.dumps(measure_interleaved(json.loads(a._interleaved), a.new_tokens, a.interleaved, a.device)))
         return
     out = a.out or RESULTS / f"{a.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +408,14 @@ def main() -> None:
     for _ in range(a.rounds if specs else 0):  # the whole list per round, so drift on a shared machine hits every model alike
         rounds.append([model_row(src, ex, sd, a.new_tokens, a.repeats, label, a.device, a.prefill_repeats) for src, ex, sd, label in specs])
         write_doc(doc, out, rounds, a.rounds)  # after every round: an interrupted run keeps what it measured
-    if not rounds:  # kernels only
+    if a.interleaved and specs and specs[0][1] == "dense":
+        cmd = [sys.executable, __file__, "--_interleaved", json.dumps(specs), "--interleaved", str(a.interleaved), "--new-tokens", str(a.new_tokens), "--device", a.device]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"runtime: the interleaved measurement failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+        doc["interleaved"] = json.loads(res.stdout.strip().splitlines()[-1])
+        write_doc(doc, out, rounds, a.rounds)
+    if not rounds and not a.interleaved:  # kernels only
         write_doc(doc, out, [], a.rounds)
     print(doc["tables_md"])
 
