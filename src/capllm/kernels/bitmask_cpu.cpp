@@ -303,7 +303,9 @@ AVX2_TARGET inline float hsum8(__m256 v) {
 // prefetches the values kPrefetchBytes ahead: the value loads' addresses hang on the popcounts of
 // the mask, and without the hint a DRAM-bound sweep streamed 10-25 % fewer bytes per second
 // than the same loads with the expand removed (a standalone A/B on Zen 3, SmolLM2 shapes; with
-// the hint it streams about as fast as those loads alone). The compiler turns the blendv of
+// the hint it streams about as fast as those loads alone). The hint is NTA (each value is read
+// once per token): against T0, 30 of 32 cases of benchmarks/decode_ab.py faster, by up to 1.5x
+// (benchmarks/results/runtime/decode-ab-nta-vs-3681819-2026-12-03.json). The compiler turns the blendv of
 // expand8 into a compare + andnot: the same two uops, one table load either way.
 constexpr int64_t kPrefetchBytes = 2048;
 
@@ -323,8 +325,8 @@ AVX2_TARGET void rows_avx2_tb(const Problem& P, int64_t r0, int64_t r1, int64_t 
       for (int t = 0; t < TB; ++t) a[u][t] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + KU <= full; k += KU) {
-      _mm_prefetch(vbytes + p * item + kPrefetchBytes, _MM_HINT_T0);
-      if constexpr (step_bytes > 64) _mm_prefetch(vbytes + p * item + kPrefetchBytes + 64, _MM_HINT_T0);
+      _mm_prefetch(vbytes + p * item + kPrefetchBytes, _MM_HINT_NTA);
+      if constexpr (step_bytes > 64) _mm_prefetch(vbytes + p * item + kPrefetchBytes + 64, _MM_HINT_NTA);
       for (int u = 0; u < KU; ++u) {
         unsigned bits = b[k + u];
         __m256 w = expand8(bits, load8<VT>(P.values, p));
