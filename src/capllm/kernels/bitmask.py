@@ -161,7 +161,8 @@ class BitmaskMatrix:
         y = torch.empty(x2.shape[0], m, dtype=torch.float32)
         rank = 0 if U is None else U.shape[1]
         fuse = 0 < rank <= FUSED_UNPACK_MAX_RANK
-        U_f, Vt_f = (U, V.t()) if fuse else (None, None)  # the kernel makes them fp32 contiguous
+        # fp32 contiguous once here, not in the kernel once per row block (its casts are then no-ops)
+        U_f, Vt_f = (U.float().contiguous(), V.t().float().contiguous()) if fuse else (None, None)
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
             Wc = ops.unpack_rows(self.values, self.bitmask, self.row_ptr, n, r0, r1, ws[: (r1 - r0) * n].view(r1 - r0, n), 0, U_f, Vt_f)

@@ -91,6 +91,22 @@ void unpack_scalar(const Problem& P, int vt, int64_t r0, int64_t r1) {
   }
 }
 
+// Rows [i0, i0 + RB) of an unpack: each row's mask, its first value and its output row (the
+// ISA-independent set-up both vector unpacks share).
+template <int RB>
+struct RowBlock {
+  const uint8_t* b[RB];
+  int64_t p[RB];
+  float* out[RB];
+  RowBlock(const Problem& P, int64_t i0) {
+    for (int r = 0; r < RB; ++r) {
+      b[r] = P.bm + (i0 + r) * P.nb;
+      p[r] = P.rp[i0 + r];
+      out[r] = P.y + (i0 + r) * P.n;
+    }
+  }
+};
+
 // ---------------------------------------------------------------- AVX-512
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,f16c,fma")))
 
@@ -219,14 +235,10 @@ template <int VT, int RB>
 AVX512_TARGET void unpack_avx512_rb(const Problem& P, int64_t i0, const float* U, const float* Vt, int64_t Lr) {
   const int64_t n = P.n, full = n / 16, rem = n - 16 * full;
   const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
-  const uint8_t* b[RB];
-  int64_t p[RB];
-  float* out[RB];
-  for (int r = 0; r < RB; ++r) {
-    b[r] = P.bm + (i0 + r) * P.nb;
-    p[r] = P.rp[i0 + r];
-    out[r] = P.y + (i0 + r) * n;
-  }
+  RowBlock<RB> R(P, i0);
+  const uint8_t* const* b = R.b;
+  int64_t* p = R.p;
+  float* const* out = R.out;
   for (int64_t k = 0; k <= full; ++k) {
     const bool last = k == full;
     if (last && !rem) break;
@@ -358,14 +370,10 @@ template <int VT, int RB>
 AVX2_TARGET void unpack_avx2_rb(const Problem& P, int64_t i0, const float* U, const float* Vt, int64_t Lr) {
   const int64_t n = P.n, full = n / 8, rem = n - 8 * full;
   const __m256i tail = tail_mask8(rem);
-  const uint8_t* b[RB];
-  int64_t p[RB];
-  float* out[RB];
-  for (int r = 0; r < RB; ++r) {
-    b[r] = P.bm + (i0 + r) * P.nb;
-    p[r] = P.rp[i0 + r];
-    out[r] = P.y + (i0 + r) * n;
-  }
+  RowBlock<RB> R(P, i0);
+  const uint8_t* const* b = R.b;
+  int64_t* p = R.p;
+  float* const* out = R.out;
   for (int64_t k = 0; k <= full; ++k) {
     const bool last = k == full;
     if (last && !rem) break;
