@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from interleave import interleaved_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/capllm/kernels/bitmask_cpu.cpp"
@@ -51,15 +52,7 @@ def build_other(rev: str):
 
 def interleaved(fns: dict, rounds: int) -> dict:
     """Median seconds per call of each function, the functions taking turns every round."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {k: sorted(v)[len(v) // 2] for k, v in interleaved_runs(fns, rounds).items()}
 
 
 def main() -> None:

@@ -12,24 +12,16 @@ identical GEMMs on different tensors differ by a few per cent: read smaller diff
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from capllm.kernels import BitmaskMatrix, cpu_build
 from capllm.kernels.bitmask import _ISA, _workspace
+from interleave import interleaved_runs
 
 
 def _fastest_ms(cases: dict, rounds: int) -> dict[str, float]:
-    for f in cases.values():
-        f(), f()
-    runs = {k: [] for k in cases}
-    for _ in range(rounds):
-        for k, f in cases.items():
-            t = time.perf_counter()
-            f()
-            runs[k].append(time.perf_counter() - t)
-    return {k: min(v) * 1e3 for k, v in runs.items()}
+    return {k: min(v) * 1e3 for k, v in interleaved_runs(cases, rounds, warmup=2).items()}
 
 
 def main() -> None:

@@ -140,34 +140,50 @@ def _status() -> dict:
     return out
 
 
-def measure_model(source: str, execution: str, sparse_dtype: str | None, new_tokens: int, repeats: int, device: str = "cpu", prefill_repeats: int = 7) -> dict:
-    """Run in a fresh process: load, decode, prefill; peak RSS (and peak GPU memory). On CUDA
-    both models run in bf16 (the compressed one's kernel values too)."""
+def _load(source: str, execution: str, sparse_dtype: str | None, device: str):
+    """(model in eval mode, tokenizer, is it a capllm compressed directory); on CUDA in bf16."""
     import torch
 
     import capllm
-    from capllm.format.execution import describe_execution
 
-    t0 = time.perf_counter()
     compressed = (Path(source) / "config.json").is_file() and "capllm" in json.loads((Path(source) / "config.json").read_text())
     if compressed:
         model, tok = capllm.load_compressed(source, device=device, execution=execution, sparse_dtype=sparse_dtype)
     else:
         model, tok = capllm.load_model(source, dtype=torch.float32)
-    gpu = device != "cpu"
-    if gpu:
+    if device != "cpu":
         model.to(device=device, dtype=torch.bfloat16)
-    load_s = time.perf_counter() - t0
-    model.eval()
-    out = {"source": source, "device": device, "dtype": "bfloat16" if gpu else "float32", "compressed": compressed, "execution": execution if compressed else "dense model", "sparse_dtype": sparse_dtype,
-           "load_s": round(load_s, 2), "rss_after_load_mib": _status()["VmRSS"], "loadavg_start": os.getloadavg()[0]}
-    if compressed:
-        out["paths"] = describe_execution(model)["summary"]
+    return model.eval(), tok, compressed
+
+
+def _inputs(model, tok, new_tokens: int, device: str):
+    """The seeded 16-token prompt, the seeded PREFILL-token input and the greedy-decode kwargs."""
+    import torch
+
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     long = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(1)).to(device)
     pad = getattr(tok, "eos_token_id", None) if tok is not None else None
     gen = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+    return prompt, long, gen
+
+
+def measure_model(source: str, execution: str, sparse_dtype: str | None, new_tokens: int, repeats: int, device: str = "cpu", prefill_repeats: int = 7) -> dict:
+    """Run in a fresh process: load, decode, prefill; peak RSS (and peak GPU memory). On CUDA
+    both models run in bf16 (the compressed one's kernel values too)."""
+    import torch
+
+    from capllm.format.execution import describe_execution
+
+    t0 = time.perf_counter()
+    model, tok, compressed = _load(source, execution, sparse_dtype, device)
+    gpu = device != "cpu"
+    load_s = time.perf_counter() - t0
+    out = {"source": source, "device": device, "dtype": "bfloat16" if gpu else "float32", "compressed": compressed, "execution": execution if compressed else "dense model", "sparse_dtype": sparse_dtype,
+           "load_s": round(load_s, 2), "rss_after_load_mib": _status()["VmRSS"], "loadavg_start": os.getloadavg()[0]}
+    if compressed:
+        out["paths"] = describe_execution(model)["summary"]
+    prompt, long, gen = _inputs(model, tok, new_tokens, device)
     with torch.inference_mode():
         for threads in ((1, 2) if not gpu else (1,)):
             if not gpu:
@@ -205,22 +221,9 @@ def measure_interleaved(specs: list, new_tokens: int, rounds: int, device: str =
     ratios against the first (dense) model, of medians and of the fastest runs."""
     import torch
 
-    import capllm
-
-    models = []
-    for src, ex, sd, label in specs:
-        compressed = (Path(src) / "config.json").is_file() and "capllm" in json.loads((Path(src) / "config.json").read_text())
-        if compressed:
-            model, _ = capllm.load_compressed(src, device=device, execution=ex, sparse_dtype=sd)
-        else:
-            model, _ = capllm.load_model(src, dtype=torch.float32)
-            if device != "cpu":
-                model.to(device=device, dtype=torch.bfloat16)
-        models.append((label, model.eval()))
-    vocab = models[0][1].config.vocab_size
-    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    long = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator().manual_seed(1)).to(device)
-    gen = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    loaded = [(label, _load(src, ex, sd, device)) for src, ex, sd, label in specs]
+    models = [(label, model) for label, (model, _, _) in loaded]
+    prompt, long, gen = _inputs(models[0][1], loaded[0][1][1], new_tokens, device)
     out = {"rounds": rounds, "labels": [label for label, _ in models]}
     with torch.inference_mode():
         for threads in ((1, 2) if device == "cpu" else (1,)):
@@ -408,7 +411,9 @@ def main() -> None:
     for _ in range(a.rounds if specs else 0):  # the whole list per round, so drift on a shared machine hits every model alike
         rounds.append([model_row(src, ex, sd, a.new_tokens, a.repeats, label, a.device, a.prefill_repeats) for src, ex, sd, label in specs])
         write_doc(doc, out, rounds, a.rounds)  # after every round: an interrupted run keeps what it measured
-    if a.interleaved and specs and specs[0][1] == "dense":
+    if a.interleaved and not a.dense:
+        raise SystemExit("runtime: --interleaved needs --dense (the ratios are against the dense model)")
+    if a.interleaved:
         cmd = [sys.executable, __file__, "--_interleaved", json.dumps(specs), "--interleaved", str(a.interleaved), "--new-tokens", str(a.new_tokens), "--device", a.device]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
