@@ -7,7 +7,7 @@ namespace (``capllm_bitmask_ab``, in ``$CAPLLM_CACHE/kernels/ab-<rev>``), then f
 decode shape, value dtype, token count and thread count interleaves dense ``F.linear`` (fp32
 weights), the other revision's ``spmv`` and this checkout's, ``--rounds`` times, and prints each
 kernel's speed-up over dense (median of the rounds). Every case cycles through distinct copies
-of its matrix (≥ 96 MB, above the L3), as a decode step does, so the numbers are DRAM-bound.
+of its matrix (≥ `--copies-mb`, 96 MB by default: set it above the L3), as a decode step does, so the numbers are DRAM-bound.
 A timing on a shared machine is an upper bound on the time; the ratios are taken in one run.
 """
 
@@ -27,6 +27,7 @@ from interleave import interleaved_runs
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/capllm/kernels/bitmask_cpu.cpp"
 SHAPES = {"q/o_proj": (576, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536), "k/v_proj": (192, 576)}
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # the isa argument of the capllm_bitmask ops (bitmask_cpu.cpp, enum Isa)
 
 
 def build_other(rev: str):
@@ -61,6 +62,10 @@ def main() -> None:
     ap.add_argument("--density", type=float, action="append", default=None, help="fraction of entries kept (repeatable; default 0.5)")
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--tokens", type=int, action="append", default=None, help="batch sizes (repeatable; default 1 and 4)")
+    ap.add_argument("--threads", type=int, action="append", default=None, help="intra-op thread counts (repeatable; default 1 and 2)")
+    ap.add_argument("--copies-mb", type=float, default=96.0,
+                    help="MB of distinct dense copies each case cycles through (default 96; set it above the L3 of the machine)")
+    ap.add_argument("--isa", choices=sorted(ISAS), default="auto", help="kernel path of both builds (default auto: the best this CPU has)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -71,23 +76,24 @@ def main() -> None:
         raise SystemExit(f"decode_ab: no CPU kernel here: {cpu_build.unavailable_reason()}")
     other, sha = build_other(args.against)
     head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    isa = ISAS[args.isa]
     rows = []
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for dtype in (torch.float32, torch.bfloat16):
             for density in args.density or [0.5]:
                 for name, (m, n) in SHAPES.items():
-                    copies = max(2, int(96e6 // (m * n * 4)))
+                    copies = max(2, int(args.copies_mb * 1e6 // (m * n * 4)))
                     dense = [torch.randn(m, n, generator=g) * (torch.rand(m, n, generator=g) < density) for _ in range(copies)]
                     packs = [BitmaskMatrix.from_dense(w, dtype) for w in dense]
                     for T in args.tokens or [1, 4]:
                         x = torch.randn(T, n, generator=g)
-                        for threads in (1, 2):
+                        for threads in args.threads or [1, 2]:
                             torch.set_num_threads(threads)
                             t = interleaved({
                                 "dense": lambda: [F.linear(x, w) for w in dense],
-                                "against": lambda: [other.spmv(x, p.values, p.bitmask, p.row_ptr, 0) for p in packs],
-                                "this": lambda: [ours.spmv(x, p.values, p.bitmask, p.row_ptr, 0) for p in packs],
+                                "against": lambda: [other.spmv(x, p.values, p.bitmask, p.row_ptr, isa) for p in packs],
+                                "this": lambda: [ours.spmv(x, p.values, p.bitmask, p.row_ptr, isa) for p in packs],
                             }, args.rounds)
                             row = {"values": str(dtype).removeprefix("torch."), "density": density, "matrix": name, "shape": [m, n], "tokens": T, "threads": threads,
                                    "copies": copies, "dense_us": round(t["dense"] / copies * 1e6, 1),
@@ -96,7 +102,7 @@ def main() -> None:
                             print(f"{row['values']:8s} density {density} {name:12s} {m}x{n} T={T} {threads}t  dense {row['dense_us']:.0f} us  "
                                   f"{sha} {row[f'speedup_{sha}']:.2f}x  {head} {row[f'speedup_{head}']:.2f}x", flush=True)
     if args.out:
-        doc = {"against": sha, "this": head, "rounds": args.rounds, "isa": cpu_build.best_isa(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+        doc = {"against": sha, "this": head, "rounds": args.rounds, "copies_mb": args.copies_mb, "isa_requested": args.isa, "threads": args.threads or [1, 2], "isa": cpu_build.best_isa(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))

@@ -108,6 +108,24 @@ struct RowBlock {
 };
 
 // ---------------------------------------------------------------- AVX-512
+// How far ahead of the current read the decode loops prefetch the packed values, and with which
+// hint (see rows_avx2_tb for why they prefetch at all). Each value is read once per token, so NTA
+// would be the textbook hint, and on AMD (Zen 3) it beat T0 in 30 of 32 cases of
+// benchmarks/decode_ab.py (middle half 1.02-1.09x); on Intel (an AVX-512 Xeon, 2026-12-03) NTA
+// made the fp32 path 1.6x slower than T0 (NTA fills L1 only and leaves the L2 streamer idle), so
+// the hint is chosen by vendor, once.
+constexpr int64_t kPrefetchBytes = 2048;
+bool prefetch_nta() {
+  __builtin_cpu_init();  // this runs as a static initialiser, possibly before libgcc's own
+  return __builtin_cpu_is("amd");
+}
+const bool kPrefetchNta = prefetch_nta();
+
+inline void prefetch_values(const char* p) {
+  if (kPrefetchNta) _mm_prefetch(p, _MM_HINT_NTA);
+  else _mm_prefetch(p, _MM_HINT_T0);
+}
+
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt,f16c,fma")))
 
 template <int VT>
@@ -129,44 +147,54 @@ AVX512_TARGET inline uint32_t mask16(const uint8_t* b, int64_t k, int64_t nb) {
   return lo | (hi << 8);
 }
 
+// KU = 2 chunks of 16 columns per step, each with its own accumulators (TB * KU FMA chains; four
+// chunks at one token measured the same, within 3 %), and the values prefetched kPrefetchBytes
+// ahead, as in the AVX2 path below: the value loads' addresses hang on the popcounts of the mask.
+// On an AVX-512 Xeon the prefetch took the fp32 path at one token from 1.19-1.33x dense to
+// 1.40-1.65x and bf16 values from 1.30-1.55x to 2.09-2.62x (benchmarks/decode_ab.py, SmolLM2
+// shapes, 1 GB of copies per case, 1 thread).
 template <int VT, int TB>
 AVX512_TARGET void rows_avx512_tb(const Problem& P, int64_t r0, int64_t r1, int64_t t0) {
+  constexpr int KU = 2;
+  constexpr int64_t item = VT == F32 ? 4 : 2, step_bytes = 16 * KU * item;  // most value bytes one step reads
+  const char* vbytes = static_cast<const char*>(P.values);
   const int64_t n = P.n, full = n / 16, rem = n - 16 * full;
   const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
   const float* x = P.x + t0 * n;
   for (int64_t i = r0; i < r1; ++i) {
     const uint8_t* b = P.bm + i * P.nb;
     int64_t p = P.rp[i];
-    __m512 a0[TB], a1[TB];
-    for (int t = 0; t < TB; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+    __m512 a[KU][TB];
+    for (int u = 0; u < KU; ++u)
+      for (int t = 0; t < TB; ++t) a[u][t] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 1 < full; k += 2) {  // two chunks per step: two independent FMA chains
-      uint32_t m0, m1;
-      std::memcpy(&m0, b + 2 * k, 2);
-      m0 &= 0xFFFFu;
-      std::memcpy(&m1, b + 2 * k + 2, 2);
-      m1 &= 0xFFFFu;
-      __m512 w0 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p));
-      p += __builtin_popcount(m0);
-      __m512 w1 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m1), load16<VT>(P.values, p));
-      p += __builtin_popcount(m1);
-      for (int t = 0; t < TB; ++t) {
-        a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * n + 16 * k), a0[t]);
-        a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * n + 16 * k + 16), a1[t]);
+    for (; k + KU <= full; k += KU) {
+      for (int64_t o = 0; o < step_bytes; o += 64) prefetch_values(vbytes + p * item + kPrefetchBytes + o);
+      for (int u = 0; u < KU; ++u) {
+        uint32_t mk;
+        std::memcpy(&mk, b + 2 * (k + u), 2);
+        mk &= 0xFFFFu;
+        __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(mk), load16<VT>(P.values, p));
+        p += __builtin_popcount(mk);
+        for (int t = 0; t < TB; ++t) a[u][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * n + 16 * (k + u)), a[u][t]);
       }
     }
     for (; k < full; ++k) {
-      uint32_t m0 = mask16(b, k, P.nb);
-      __m512 w0 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p));
-      p += __builtin_popcount(m0);
-      for (int t = 0; t < TB; ++t) a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * n + 16 * k), a0[t]);
+      uint32_t mk = mask16(b, k, P.nb);
+      __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(mk), load16<VT>(P.values, p));
+      p += __builtin_popcount(mk);
+      for (int t = 0; t < TB; ++t) a[0][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * n + 16 * k), a[0][t]);
     }
     if (rem) {
-      uint32_t m0 = mask16(b, full, P.nb) & tail;
-      __m512 w0 = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), load16<VT>(P.values, p));
-      for (int t = 0; t < TB; ++t) a0[t] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(tail, x + t * n + 16 * full), a0[t]);
+      uint32_t mk = mask16(b, full, P.nb) & tail;
+      __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(mk), load16<VT>(P.values, p));
+      for (int t = 0; t < TB; ++t) a[0][t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, x + t * n + 16 * full), a[0][t]);
     }
-    for (int t = 0; t < TB; ++t) P.y[(t0 + t) * P.m + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+    for (int t = 0; t < TB; ++t) {
+      __m512 s = a[0][t];
+      for (int u = 1; u < KU; ++u) s = _mm512_add_ps(s, a[u][t]);
+      P.y[(t0 + t) * P.m + i] = _mm512_reduce_add_ps(s);
+    }
   }
 }
 
@@ -194,6 +222,7 @@ AVX512_TARGET void rows_avx512_rb(const Problem& P, int64_t i0, int64_t t0) {
       uint32_t mk;
       std::memcpy(&mk, b[r] + 2 * k, 2);
       mk &= 0xFFFFu;
+      prefetch_values(static_cast<const char*>(P.values) + p[r] * (VT == F32 ? 4 : 2) + kPrefetchBytes);
       w[r] = _mm512_maskz_expand_ps(static_cast<__mmask16>(mk), load16<VT>(P.values, p[r]));
       p[r] += __builtin_popcount(mk);
     }
@@ -315,11 +344,11 @@ AVX2_TARGET inline float hsum8(__m256 v) {
 // prefetches the values kPrefetchBytes ahead: the value loads' addresses hang on the popcounts of
 // the mask, and without the hint a DRAM-bound sweep streamed 10-25 % fewer bytes per second
 // than the same loads with the expand removed (a standalone A/B on Zen 3, SmolLM2 shapes; with
-// the hint it streams about as fast as those loads alone). The hint is NTA (each value is read
-// once per token): against T0, 30 of 32 cases of benchmarks/decode_ab.py faster, by up to 1.5x
-// (benchmarks/results/runtime/decode-ab-nta-vs-3681819-2026-12-03.json). The compiler turns the blendv of
+// the hint it streams about as fast as those loads alone). The hint depends on the vendor
+// (prefetch_values): NTA on AMD (against T0 on Zen 3, 30 of 32 cases of benchmarks/decode_ab.py
+// faster, benchmarks/results/runtime/decode-ab-nta-vs-3681819-2026-12-03.json), T0 on Intel
+// (there this path with NTA ran at 1.04-1.15x dense, with T0 at 1.26-1.38x). The compiler turns the blendv of
 // expand8 into a compare + andnot: the same two uops, one table load either way.
-constexpr int64_t kPrefetchBytes = 2048;
 
 template <int VT, int TB>
 AVX2_TARGET void rows_avx2_tb(const Problem& P, int64_t r0, int64_t r1, int64_t t0) {
@@ -337,8 +366,8 @@ AVX2_TARGET void rows_avx2_tb(const Problem& P, int64_t r0, int64_t r1, int64_t 
       for (int t = 0; t < TB; ++t) a[u][t] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + KU <= full; k += KU) {
-      _mm_prefetch(vbytes + p * item + kPrefetchBytes, _MM_HINT_NTA);
-      if constexpr (step_bytes > 64) _mm_prefetch(vbytes + p * item + kPrefetchBytes + 64, _MM_HINT_NTA);
+      prefetch_values(vbytes + p * item + kPrefetchBytes);
+      if constexpr (step_bytes > 64) prefetch_values(vbytes + p * item + kPrefetchBytes + 64);
       for (int u = 0; u < KU; ++u) {
         unsigned bits = b[k + u];
         __m256 w = expand8(bits, load8<VT>(P.values, p));
