@@ -129,7 +129,7 @@ def test_prefill_in_row_blocks_equals_the_dense_layer(chunk_bytes, monkeypatch):
     m, n = 23, 70
     S = _sparse((m, n), 0.5, seed=8)
     P = BitmaskMatrix.from_dense(S)
-    for r in (3, bitmask.FUSED_UNPACK_MAX_RANK + 2):  # U Vᵀ fused into the unpack, and by addmm
+    for r in (3, bitmask.fused_unpack_max_rank() + 2):  # U Vᵀ fused into the unpack (at rank 3 on AVX2 / AVX-512), and by addmm
         U, V, b = torch.randn(m, r, generator=g), torch.randn(n, r, generator=g), torch.randn(m, generator=g)
         x = torch.randn(2, 40, n, generator=g)
         want = x.double() @ (S.double() + U.double() @ V.double().t()).t() + b.double()

@@ -30,9 +30,19 @@ PAD = 16
 PREFILL_CHUNK_BYTES = 4 << 20
 # Up to this rank the prefill unpack adds U Vᵀ as it stores (r broadcast FMAs per 8/16 columns);
 # beyond it MKL's addmm on the unpacked block is faster. `benchmarks/prefill_breakdown.py` on the
-# four SmolLM2 shapes (AVX2, 1 and 2 threads), fused / addmm: 0.68-0.88 at r = 1, 0.69-0.93 at 4,
-# 0.93-1.18 at 8, 1.20-1.79 at 16.
-FUSED_UNPACK_MAX_RANK = 4
+# four SmolLM2 shapes, 1 and 2 threads, fused / addmm — AVX2 (AMD Zen 3): 0.68-0.88 at r = 1,
+# 0.69-0.93 at 4, 0.93-1.18 at 8, 1.20-1.79 at 16; AVX-512 (an Intel Xeon, 16 columns per FMA):
+# 0.52-0.72 at r = 1, 0.57-0.69 at 4, 0.54-0.83 at 8, 0.68-0.97 at 16 (the same run gave the
+# unpack + GEMM per matrix at 1.00-1.11x dense at 1 thread, 1.12-1.27x at 2). The scalar path
+# always uses addmm.
+FUSED_UNPACK_MAX_RANK = {"avx2": 4, "avx512": 16}
+
+
+def fused_unpack_max_rank() -> int:
+    """The largest rank whose ``U Vᵀ`` the prefill unpack adds itself on this CPU (0: never)."""
+    return FUSED_UNPACK_MAX_RANK.get(cpu_build.best_isa() or "", 0)
+
+
 _tls = threading.local()
 
 
@@ -144,7 +154,7 @@ class BitmaskMatrix:
                        bias: torch.Tensor | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
         """``x (S + U Vᵀ)ᵀ + bias`` for many tokens: the dense GEMM, on ``S`` unpacked a block of rows
         at a time (≤ ``chunk_bytes``, into one reused per-thread buffer) with ``U Vᵀ`` added to the
-        block — by the unpack itself, as it stores, up to rank ``FUSED_UNPACK_MAX_RANK`` (no second
+        block — by the unpack itself, as it stores, up to rank :func:`fused_unpack_max_rank` (no second
         pass over the buffer), by one ``addmm`` beyond it — so no call allocates a dense matrix. CPU + fp32 with the compiled kernel; anywhere
         else one unpack of the whole ``S``."""
         m, n = self.shape
@@ -160,7 +170,7 @@ class BitmaskMatrix:
         ws = _workspace(rows * n)
         y = torch.empty(x2.shape[0], m, dtype=torch.float32)
         rank = 0 if U is None else U.shape[1]
-        fuse = 0 < rank <= FUSED_UNPACK_MAX_RANK
+        fuse = 0 < rank <= fused_unpack_max_rank()
         # fp32 contiguous once here, not in the kernel once per row block (its casts are then no-ops)
         U_f, Vt_f = (U.float().contiguous(), V.t().float().contiguous()) if fuse else (None, None)
         for r0 in range(0, m, rows):

@@ -18,7 +18,7 @@
 // unpack_rows (the prefill path) writes rows of S (+ U Vᵀ) dense into a caller's buffer, four
 // rows side by side so their popcount -> load chains overlap (AVX2, SmolLM2 shapes: 4-26 % less
 // time than one row at a time, 0.85-1.28x a plain copy of the dense matrix); at small rank the low-rank
-// rows are added in registers before the store (bitmask.py FUSED_UNPACK_MAX_RANK says up to which rank).
+// rows are added in registers before the store (bitmask.py FUSED_UNPACK_MAX_RANK says up to which rank, per ISA).
 //
 // Exactness: every path sums row i's products in the same per-lane order within a path; paths
 // differ from each other and from a dense GEMV only by floating-point summation order.
