@@ -27,7 +27,6 @@ from interleave import interleaved_runs
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/capllm/kernels/bitmask_cpu.cpp"
 SHAPES = {"q/o_proj": (576, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536), "k/v_proj": (192, 576)}
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # the isa argument of the capllm_bitmask ops (bitmask_cpu.cpp, enum Isa)
 
 
 def build_other(rev: str):
@@ -57,6 +56,8 @@ def interleaved(fns: dict, rounds: int) -> dict:
 
 
 def main() -> None:
+    from capllm.kernels import BitmaskMatrix, cpu_build
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", required=True, help="git revision whose kernel to compare with")
     ap.add_argument("--density", type=float, action="append", default=None, help="fraction of entries kept (repeatable; default 0.5)")
@@ -65,18 +66,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, action="append", default=None, help="intra-op thread counts (repeatable; default 1 and 2)")
     ap.add_argument("--copies-mb", type=float, default=96.0,
                     help="MB of distinct dense copies each case cycles through (default 96; set it above the L3 of the machine)")
-    ap.add_argument("--isa", choices=sorted(ISAS), default="auto", help="kernel path of both builds (default auto: the best this CPU has)")
+    ap.add_argument("--isa", choices=["auto", *cpu_build.ISA_NAMES.values()], default="auto", help="kernel path of both builds (default auto: the best this CPU has)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-
-    from capllm.kernels import BitmaskMatrix, cpu_build
 
     ours = cpu_build.load()
     if ours is None:
         raise SystemExit(f"decode_ab: no CPU kernel here: {cpu_build.unavailable_reason()}")
     other, sha = build_other(args.against)
     head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    isa = ISAS[args.isa]
+    isa = {name: code for code, name in cpu_build.ISA_NAMES.items()}.get(args.isa, 0)  # the ops' isa argument; 0 = auto
     rows = []
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
