@@ -258,6 +258,21 @@ def test_auto_policy_records_the_kernel_probe():
     assert "does not pay" in choose_layout(dense_only, "auto")[1]["kernel"]
 
 
+def test_kernel_probe_working_set_is_bounded(monkeypatch):
+    """The DRAM-bound probe's copies span 2x the last-level cache but never more than
+    PROBE_MAX_BYTES: a huge reported L3 must not turn loading a model into GBs of copies."""
+    from capllm.format import execution
+
+    S = _sparse((64, 128), 0.5)
+    P = BitmaskMatrix.from_dense(S)
+    size = S.numel() * S.element_size()
+    monkeypatch.setattr(execution, "_last_level_cache_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(execution, "PROBE_MAX_BYTES", 10 * size)
+    assert execution.probe_kernel(S, P)["probe_copies"] == 10
+    monkeypatch.setattr(execution, "_last_level_cache_bytes", lambda: 2 * size)  # a small cache: 2x it
+    assert execution.probe_kernel(S, P)["probe_copies"] == 4
+
+
 # --- load → decode on every architecture --------------------------------------------------------
 
 

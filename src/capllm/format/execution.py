@@ -6,7 +6,7 @@ Policy ``auto`` (the default), for each sparse part ``S (m × n)`` of density ``
 1. **bitmask kernel** (:mod:`capllm.kernels`) when one serves the device and packing pays
    (``d < 1 − 1/(8·itemsize)``): a probe times the kernel against the dense GEMM at
    :data:`DECODE_TOKENS` tokens, DRAM-bound (cycling through distinct copies of the matrix that
-   together exceed the last-level cache, because in a model's decode step every weight comes
+   together exceed the last-level cache, up to :data:`PROBE_MAX_BYTES`, because in a model's decode step every weight comes
    from DRAM, and batch-1 decode is bound by the bytes read). ``kernel_max_tokens`` is the largest probed token count up to which the kernel takes
    at most :data:`KERNEL_SLACK` × the dense time — a tie goes to the kernel, because the layer
    then holds only the packed bytes (~half of dense at 50 % density), which is also what makes
@@ -51,6 +51,11 @@ DECODE_TOKENS = (1, 8)
 PREFILL_TOKENS = 128
 KERNEL_SLACK = 1.10  # the kernel may take up to 110 % of the cache-cold dense time (it holds ~half the bytes)
 COLD_REPEATS = 3
+# The DRAM-bound probe's distinct dense copies together span 2x the last-level cache, but at most
+# this many bytes: a server CPU can report a shared L3 of 480 MB, and 2x that per probed shape (plus
+# the packed copies) raised the peak RSS of loading SmolLM2 CAP 50 % from ~0.25 GB to 1.6 GB, above
+# the dense model's. Past the cap part of the sweep can hit in that L3, as part of a model's decode would.
+PROBE_MAX_BYTES = 256 << 20
 
 _probe_cache: dict[tuple, dict[str, Any]] = {}
 
@@ -126,13 +131,14 @@ def probe_kernel(S: torch.Tensor, packed: BitmaskMatrix) -> dict[str, Any]:
     and of prefill (unpack + GEMM vs GEMM) at :data:`PREFILL_TOKENS` tokens.
 
     As in a model's decode step, where each layer's weights come from DRAM: the probe cycles
-    through ``copies`` distinct copies of both forms, together at least twice the last-level
-    cache (L2 on a GPU), so no call finds its matrix in cache; one call's time is a sweep's time
+    through ``copies`` distinct copies of both forms, together twice the last-level cache (L2 on a
+    GPU; at most :data:`PROBE_MAX_BYTES`), so no call finds its matrix in cache; one call's time is a sweep's time
     over the number of copies. A single call after a cache flush would mostly time the start-up
     latency of the first misses, which swamps a small matrix."""
     dev = S.device
     llc = _last_level_cache_bytes() if dev.type == "cpu" else 64 << 20
-    copies = int(min(256, max(1, -(-2 * llc // (S.numel() * S.element_size())))))
+    span = min(2 * llc, PROBE_MAX_BYTES)
+    copies = int(min(256, max(1, -(-span // (S.numel() * S.element_size())))))
     dense = [S] + [S.clone() for _ in range(copies - 1)]
     packs = [packed] + [BitmaskMatrix(packed.values.clone(), packed.bitmask.clone(), packed.row_ptr, packed.shape) for _ in range(copies - 1)]
     out: dict[str, Any] = {"kernel_ms": {}, "dense_cold_ms": {}, "probe_copies": copies}
