@@ -6,7 +6,7 @@ Two parts, one JSON (``benchmarks/results/runtime/<name>.json``), a markdown tab
   (``capllm.kernels.BitmaskMatrix.matmul``) against the dense GEMV ``F.linear`` at 30 / 50 / 70 %
   sparsity, values stored in fp32 and bf16, 1 and 2 threads. Every call is DRAM-bound as in a
   model's decode step: each case cycles through enough distinct copies of the matrix (≥ 4× the
-  last-level cache) that no copy is in cache when it is used. Reported as ratios
+  last-level cache, or `--working-set-mb`) that no copy is in cache when it is used. Reported as ratios
   ``dense time / kernel time`` beside the **bandwidth ceiling**
   ``dense bytes / (values + mask + row_ptr bytes)``. The bf16 rows compare with the dense fp32
   GEMV (what runs on a CPU) and also give the ceiling against dense bf16 bytes.
@@ -50,13 +50,14 @@ def _env() -> dict:
 
     import torch
 
+    from capllm.format.execution import _last_level_cache_bytes
     from capllm.kernels import cpu_build
     from capllm.results import source_commit
 
     return {"capllm_commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
             "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None),
             "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": cpu_build.best_isa(), "kernel_unavailable": cpu_build.unavailable_reason(),
-            "loadavg": os.getloadavg()[0]}
+            "last_level_cache_mib": _last_level_cache_bytes() >> 20, "loadavg": os.getloadavg()[0]}
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ def _cold_ms(fns, repeats: int = 5, device="cpu") -> float:
     return sweep_ms(fns, torch.device(device), repeats)
 
 
-def kernel_rows(working_set_mb: int, device: str = "cpu") -> list[dict]:
+def kernel_rows(working_set_mb: int | None, device: str = "cpu") -> list[dict]:
     import torch
     import torch.nn.functional as F
 
@@ -86,7 +87,7 @@ def kernel_rows(working_set_mb: int, device: str = "cpu") -> list[dict]:
     from capllm.kernels import BitmaskMatrix
 
     llc = _last_level_cache_bytes() if device == "cpu" else 64 << 20  # a GPU's L2 is ≤ 64 MB
-    target = max(working_set_mb << 20, 4 * llc)
+    target = working_set_mb << 20 if working_set_mb else max(256 << 20, 4 * llc)
     thread_counts = (1, 2) if device == "cpu" else (None,)
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -364,7 +365,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prefill-repeats", type=int, default=7, help="512-token forwards per thread count (a prefill is ~1 s: more of them than decodes)")
     ap.add_argument("--rounds", type=int, default=2, help="measure the whole model list this many times, alternating; report medians")
-    ap.add_argument("--working-set-mb", type=int, default=256)
+    ap.add_argument("--working-set-mb", type=int, default=None,
+                    help="MB of distinct copies each per-matrix case cycles through (default: 4x the last-level cache, at least 256; "
+                         "a server CPU may report a shared L3 of hundreds of MB, and this caps the memory and time the grid takes)")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: the Triton kernel, bf16 models)")
     ap.add_argument("--out", type=Path, default=None)
