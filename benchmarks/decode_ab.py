@@ -31,8 +31,7 @@ SHAPES = {"q/o_proj": (576, 576), "gate/up_proj": (1536, 576), "down_proj": (576
 
 def build_other(rev: str):
     """torch.ops.capllm_bitmask_ab: the kernel source of ``rev``, built once per revision."""
-    from torch.utils import cpp_extension
-
+    from capllm.kernels import cpu_build
     from capllm.utils import cache_dir
 
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True)
@@ -46,7 +45,7 @@ def build_other(rev: str):
     build.mkdir(parents=True, exist_ok=True)
     cpp = build / "bitmask_ab.cpp"
     cpp.write_text(text)
-    cpp_extension.load(name="capllm_bitmask_ab", sources=[str(cpp)], build_directory=str(build), extra_cflags=["-O3", "-fno-math-errno"], is_python_module=False, verbose=False)
+    cpu_build.build_library("capllm_bitmask_ab", cpp, build)
     return torch.ops.capllm_bitmask_ab, sha.stdout.strip()
 
 

@@ -47,6 +47,29 @@ def test_the_cpu_kernel_builds_here():
     assert cpu_build.best_isa() in ("avx512", "avx2", "scalar")
 
 
+def test_the_cpu_kernel_runs_on_torchs_threads():
+    """The kernel's at::parallel_for must really fork (it silently runs on one thread when the
+    extension is compiled without -fopenmp, as it was until 2026-12-03), and the product must not
+    depend on the thread count."""
+    if cpu_build.load() is None:
+        pytest.skip(f"no CPU kernel: {cpu_build.unavailable_reason()}")
+    if not torch.backends.openmp.is_available():
+        pytest.skip("torch is not built with OpenMP")
+    ops, before = cpu_build.load(), torch.get_num_threads()
+    S = _sparse((300, 200), 0.5)
+    P = BitmaskMatrix.from_dense(S)
+    x = torch.randn(3, 200)
+    try:
+        torch.set_num_threads(1)
+        assert ops.parallel_threads() == 1
+        one = P.matmul(x)
+        torch.set_num_threads(3)
+        assert ops.parallel_threads() == 3
+        assert torch.equal(P.matmul(x), one)  # each row is one thread's: the same sums in the same order
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}" for m, n in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 def test_cpu_kernel_equals_the_dense_product(shape, dtype):

@@ -13,7 +13,7 @@
 // fp32 row: that is where batch-1 decode, bound by weight bytes, gets its speed. The AVX2 path
 // does the same 8 columns at a time with a 256-entry permutation table (vpermps + vblendvps per
 // mask byte) and several chunks' FMA chains in flight; the scalar path walks the set bits. Rows
-// are divided among torch's intra-op threads (at::parallel_for).
+// are divided among torch's intra-op threads (at::parallel_for; cpu_build.py compiles with -fopenmp, without which it runs on one thread).
 //
 // unpack_rows (the prefill path) writes rows of S (+ U Vᵀ) dense into a caller's buffer, four
 // rows side by side so their popcount -> load chains overlap (AVX2, SmolLM2 shapes: 4-26 % less
@@ -26,6 +26,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -616,6 +617,18 @@ at::Tensor bitmask_unpack(const at::Tensor& values, const at::Tensor& bitmask, c
 
 int64_t best_isa() { return resolve_isa(AUTO); }
 
+// How many threads an at::parallel_for of this build runs on (1 if it was compiled without OpenMP,
+// whatever torch.get_num_threads() says: the build flags are what make the kernel multi-threaded).
+int64_t parallel_threads() {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, 1 << 16, 1, [&](int64_t, int64_t) {
+    int64_t t = at::get_thread_num() + 1, cur = most.load();
+    while (t > cur && !most.compare_exchange_weak(cur, t)) {
+    }
+  });
+  return most.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(capllm_bitmask, m) {
@@ -624,6 +637,7 @@ TORCH_LIBRARY(capllm_bitmask, m) {
   m.def("unpack(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int isa=0) -> Tensor");
   m.def("unpack_rows(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int r0, int r1, Tensor(a!) out, int isa=0, Tensor? U=None, Tensor? Vt=None) -> Tensor(a!)");
   m.def("best_isa", &best_isa);
+  m.def("parallel_threads", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(capllm_bitmask, CPU, m) {

@@ -26,6 +26,11 @@ import torch
 
 SOURCE = Path(__file__).with_name("bitmask_cpu.cpp")
 ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512"}
+CFLAGS = ["-O3", "-fno-math-errno"]
+# at::parallel_for is a header template: with torch's OpenMP backend it is an `omp parallel` region
+# compiled into the extension, and without -fopenmp it silently runs on one thread. Linking with
+# -fopenmp resolves to the libgomp.so.1 torch has already loaded (same soname), so one thread pool.
+OPENMP_FLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ops": None, "reason": None}
@@ -35,9 +40,24 @@ def _build_dir() -> Path:
     """``$CAPLLM_KERNEL_CACHE`` (default ``$CAPLLM_CACHE/kernels``) / one folder per source and toolchain."""
     from capllm.utils import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode() + " ".join(CFLAGS + OPENMP_FLAGS).encode()).hexdigest()[:16]
     root = Path(os.environ["CAPLLM_KERNEL_CACHE"]) if os.environ.get("CAPLLM_KERNEL_CACHE") else cache_dir() / "kernels"
     return root / f"bitmask_cpu-{key}"
+
+
+def build_library(name: str, source: Path, build: Path) -> None:
+    """Compile ``source`` into ``build`` and load it (its operators register on load). Multi-threaded
+    with OpenMP where torch uses OpenMP; if a toolchain cannot build with ``-fopenmp``, one thread."""
+    from torch.utils import cpp_extension
+
+    omp = OPENMP_FLAGS if torch.backends.openmp.is_available() else []
+    try:
+        cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build), extra_cflags=CFLAGS + omp, extra_ldflags=omp,
+                           is_python_module=False, verbose=False)
+    except Exception:
+        if not omp:
+            raise
+        cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build), extra_cflags=CFLAGS, is_python_module=False, verbose=False)
 
 
 def _try_build():
@@ -46,16 +66,14 @@ def _try_build():
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"the CPU kernel is written for x86-64, this machine is {platform.machine()}"
     try:
-        from torch.utils import cpp_extension
-
         build = _build_dir()
         build.mkdir(parents=True, exist_ok=True)
         name = "capllm_bitmask_cpu"
         lib = build / f"{name}.so"
         if lib.is_file() and not (build / "lock").exists():  # built before (and no build under way): load without the compiler
             torch.ops.load_library(str(lib))
-        else:
-            cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build), extra_cflags=["-O3", "-fno-math-errno"], is_python_module=False, verbose=False)
+            return torch.ops.capllm_bitmask, None
+        build_library(name, SOURCE, build)
         return torch.ops.capllm_bitmask, None
     except Exception as exc:  # compiler, ninja or headers missing, or the build failed
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
