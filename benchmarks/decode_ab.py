@@ -29,8 +29,9 @@ SOURCE = "src/capllm/kernels/bitmask_cpu.cpp"
 SHAPES = {"q/o_proj": (576, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536), "k/v_proj": (192, 576)}
 
 
-def build_other(rev: str):
-    """torch.ops.capllm_bitmask_ab: the kernel source of ``rev``, built once per revision."""
+def build_other(rev: str, serial: bool = False):
+    """torch.ops.capllm_bitmask_ab: the kernel source of ``rev``, built once per revision (``serial``:
+    without OpenMP, as every build before 2026-12-03 was, so its at::parallel_for runs on one thread)."""
     from capllm.kernels import cpu_build
     from capllm.utils import cache_dir
 
@@ -41,12 +42,12 @@ def build_other(rev: str):
     if src.returncode:
         raise SystemExit(f"decode_ab: {rev} has no {SOURCE}")
     text = src.stdout.replace("TORCH_LIBRARY(capllm_bitmask,", "TORCH_LIBRARY(capllm_bitmask_ab,").replace("TORCH_LIBRARY_IMPL(capllm_bitmask,", "TORCH_LIBRARY_IMPL(capllm_bitmask_ab,")
-    build = cache_dir() / "kernels" / f"ab-{sha.stdout.strip()}"
+    build = cache_dir() / "kernels" / f"ab-{sha.stdout.strip()}{'-serial' if serial else ''}"
     build.mkdir(parents=True, exist_ok=True)
     cpp = build / "bitmask_ab.cpp"
     cpp.write_text(text)
-    cpu_build.build_library("capllm_bitmask_ab", cpp, build)
-    return torch.ops.capllm_bitmask_ab, sha.stdout.strip()
+    cpu_build.build_library("capllm_bitmask_ab", cpp, build, openmp=not serial)
+    return torch.ops.capllm_bitmask_ab, sha.stdout.strip() + ("-serial" if serial else "")
 
 
 def interleaved(fns: dict, rounds: int) -> dict:
@@ -66,13 +67,14 @@ def main() -> None:
     ap.add_argument("--copies-mb", type=float, default=96.0,
                     help="MB of distinct dense copies each case cycles through (default 96; set it above the L3 of the machine)")
     ap.add_argument("--isa", choices=["auto", *cpu_build.ISA_NAMES.values()], default="auto", help="kernel path of both builds (default auto: the best this CPU has)")
+    ap.add_argument("--against-serial", action="store_true", help="build --against without OpenMP (one thread whatever the thread count)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     ours = cpu_build.load()
     if ours is None:
         raise SystemExit(f"decode_ab: no CPU kernel here: {cpu_build.unavailable_reason()}")
-    other, sha = build_other(args.against)
+    other, sha = build_other(args.against, args.against_serial)
     head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     isa = {name: code for code, name in cpu_build.ISA_NAMES.items()}.get(args.isa, 0)  # the ops' isa argument; 0 = auto
     rows = []

@@ -45,12 +45,13 @@ def _build_dir() -> Path:
     return root / f"bitmask_cpu-{key}"
 
 
-def build_library(name: str, source: Path, build: Path) -> None:
+def build_library(name: str, source: Path, build: Path, openmp: bool = True) -> None:
     """Compile ``source`` into ``build`` and load it (its operators register on load). Multi-threaded
-    with OpenMP where torch uses OpenMP; if a toolchain cannot build with ``-fopenmp``, one thread."""
+    with OpenMP where torch uses OpenMP (``openmp=False``: one thread, for A/B measurements); if a
+    toolchain cannot build with ``-fopenmp``, one thread."""
     from torch.utils import cpp_extension
 
-    omp = OPENMP_FLAGS if torch.backends.openmp.is_available() else []
+    omp = OPENMP_FLAGS if openmp and torch.backends.openmp.is_available() else []
     try:
         cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build), extra_cflags=CFLAGS + omp, extra_ldflags=omp,
                            is_python_module=False, verbose=False)
