@@ -91,7 +91,7 @@ def test_cpu_kernel_equals_the_dense_product(shape, dtype):
                 assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), (isa, density, T)
 
 
-@pytest.mark.parametrize("rank, bias", [(0, True), (1, False), (6, True)])
+@pytest.mark.parametrize("rank, bias", [(0, True), (1, False), (6, True), (200, False)])  # 200: x V by loops at 1 token, by BLAS at 8
 def test_fused_low_rank_sparse_layer_in_one_call(rank, bias):
     """``x Sᵀ + (x V) Uᵀ + b`` in one kernel call equals the float64 product, on every path."""
     g = torch.Generator().manual_seed(5)

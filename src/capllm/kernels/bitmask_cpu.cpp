@@ -512,6 +512,31 @@ at::Tensor bitmask_spmv(const at::Tensor& x_in, const at::Tensor& values, const 
   return y;
 }
 
+// z = x V for x (T, n) and V (n, r), both fp32 contiguous, by plain loops: for the ranks CAP keeps
+// (mostly 1-4) at one token this is a few thousand FMAs, which at::matmul spent more time
+// dispatching than computing (one matmul per low-rank layer and token: ~3 ms of a ~43 ms SmolLM2
+// decode step in torch.profiler, 2026-12-03). Per token the sum over j runs in order, as a GEMV's
+// would within one accumulator; above kSmallLowRankWork entries the BLAS call is worth it again.
+constexpr int64_t kSmallLowRankWork = 1 << 16;
+
+at::Tensor small_x_times_v(const at::Tensor& x, const at::Tensor& V) {
+  const int64_t T = x.size(0), n = x.size(1), r = V.size(1);
+  at::Tensor z = at::zeros({T, r}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* vp = V.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    float* zt = zp + t * r;
+    const float* xt = xp + t * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const float xj = xt[j];
+      const float* vj = vp + j * r;
+      for (int64_t k = 0; k < r; ++k) zt[k] += xj * vj[k];
+    }
+  }
+  return z;
+}
+
 // y = S x + U (V^T x) + bias in one call (the decode step of a low-rank + sparse layer): the
 // sparse rows as above, then per row i and token t the r-term dot product U[i,:] . z[t,:] with
 // z = x V (T x r, one small GEMM), and the bias. Saves the framework's three extra ops and two
@@ -530,7 +555,11 @@ at::Tensor bitmask_spmv_fused(const at::Tensor& x_in, const at::Tensor& values, 
     TORCH_CHECK(V.has_value() && V->defined(), "capllm kernel: U without V");
     TORCH_CHECK(U->dim() == 2 && U->size(0) == m && V->dim() == 2 && V->size(0) == x.size(1) && V->size(1) == U->size(1), "capllm kernel: U (m, r) and V (n, r) do not fit");
     r = U->size(1);
-    z = at::matmul(x, V->to(at::kFloat)).contiguous();  // (T, r)
+    if (r * x.size(1) * T <= kSmallLowRankWork && V->scalar_type() == at::kFloat && V->is_contiguous()) {
+      z = small_x_times_v(x, *V);  // (T, r), without the dispatcher + BLAS call of at::matmul
+    } else {
+      z = at::matmul(x, V->to(at::kFloat)).contiguous();
+    }
     Uf = U->to(at::kFloat).contiguous();
   }
   if (hb) {
