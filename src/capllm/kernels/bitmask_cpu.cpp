@@ -29,6 +29,8 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <vector>
 
 namespace {
 
@@ -492,39 +494,68 @@ void for_rows(int64_t m, int64_t n, F&& body) {
   at::parallel_for(0, m, grain, body);
 }
 
-at::Tensor bitmask_spmv(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t isa_req) {
+// The low-rank part and bias of a fused layer, applied to y's rows [r0, r1) in the same task that
+// computed them: y[t, i] += bias[i] + U[i, :] . z[t, :], z = x V (T x r).
+struct Epilogue {
+  const float* U = nullptr;  // (m, r)
+  const float* z = nullptr;  // (T, r)
+  const float* bias = nullptr;
+  int64_t r = 0;
+  void apply(const Problem& P, int64_t r0, int64_t r1) const {
+    if (!r && !bias) return;
+    for (int64_t t = 0; t < P.T; ++t) {
+      const float* zt = z ? z + t * r : nullptr;
+      float* yt = P.y + t * P.m;
+      for (int64_t i = r0; i < r1; ++i) {
+        float acc = bias ? bias[i] : 0.f;
+        for (int64_t k = 0; k < r; ++k) acc += U[i * r + k] * zt[k];
+        yt[i] += acc;
+      }
+    }
+  }
+};
+
+at::Tensor float_contiguous(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
+// y (T, m) = x Sᵀ (+ the epilogue), rows divided among torch's threads; one task per row range
+// computes its rows and then adds their low-rank part and bias while they are in cache.
+at::Tensor spmv_rows(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t isa_req,
+                     const std::function<Epilogue(const at::Tensor& x, int64_t m)>& prepare) {
   TORCH_CHECK(x_in.dim() == 2, "capllm kernel: x must be (tokens, n)");
   const int64_t n = x_in.size(1);
   Problem P = make_problem(values, bitmask, row_ptr, n);
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor x = float_contiguous(x_in);
   P.T = x.size(0);
   at::Tensor y = at::empty({P.T, P.m}, x.options());
   P.x = x.data_ptr<float>();
   P.y = y.data_ptr<float>();
   const int vt = value_type(values);
   const int isa = resolve_isa(isa_req);
+  const Epilogue ep = prepare ? prepare(x, P.m) : Epilogue{};
   for_rows(P.m, n * std::max<int64_t>(P.T, 1), [&](int64_t r0, int64_t r1) {
-    if (isa == SCALAR) { rows_scalar(P, vt, r0, r1); return; }
-    if (vt == F32) rows_vector<F32>(P, isa, r0, r1);
+    if (isa == SCALAR) rows_scalar(P, vt, r0, r1);
+    else if (vt == F32) rows_vector<F32>(P, isa, r0, r1);
     else if (vt == BF16) rows_vector<BF16>(P, isa, r0, r1);
     else rows_vector<F16>(P, isa, r0, r1);
+    ep.apply(P, r0, r1);
   });
   return y;
 }
 
-// z = x V for x (T, n) and V (n, r), both fp32 contiguous, by plain loops: for the ranks CAP keeps
-// (mostly 1-4) at one token this is a few thousand FMAs, which at::matmul spent more time
-// dispatching than computing (one matmul per low-rank layer and token: ~3 ms of a ~43 ms SmolLM2
-// decode step in torch.profiler, 2026-12-03). Per token the sum over j runs in order, as a GEMV's
-// would within one accumulator; above kSmallLowRankWork entries the BLAS call is worth it again.
+at::Tensor bitmask_spmv(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t isa_req) {
+  return spmv_rows(x_in, values, bitmask, row_ptr, isa_req, nullptr);
+}
+
+// z = x V for x (T, n) and V (n, r), both fp32 contiguous, by plain loops into `z` (T x r, zeroed):
+// for the ranks CAP keeps (mostly 1-4) at one token this is a few thousand FMAs, which at::matmul
+// spent more time dispatching than computing (one matmul per low-rank layer and token: ~3 ms of a
+// ~43 ms SmolLM2 decode step in torch.profiler, 2026-12-03). Per token the sum over j runs in
+// order; above kSmallLowRankWork entries the BLAS call is worth it again.
 constexpr int64_t kSmallLowRankWork = 1 << 16;
 
-at::Tensor small_x_times_v(const at::Tensor& x, const at::Tensor& V) {
-  const int64_t T = x.size(0), n = x.size(1), r = V.size(1);
-  at::Tensor z = at::zeros({T, r}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* vp = V.data_ptr<float>();
-  float* zp = z.data_ptr<float>();
+void small_x_times_v(const float* xp, const float* vp, float* zp, int64_t T, int64_t n, int64_t r) {
   for (int64_t t = 0; t < T; ++t) {
     float* zt = zp + t * r;
     const float* xt = xp + t * n;
@@ -534,52 +565,45 @@ at::Tensor small_x_times_v(const at::Tensor& x, const at::Tensor& V) {
       for (int64_t k = 0; k < r; ++k) zt[k] += xj * vj[k];
     }
   }
-  return z;
 }
 
-// y = S x + U (V^T x) + bias in one call (the decode step of a low-rank + sparse layer): the
-// sparse rows as above, then per row i and token t the r-term dot product U[i,:] . z[t,:] with
-// z = x V (T x r, one small GEMM), and the bias. Saves the framework's three extra ops and two
+// y = S x + U (V^T x) + bias in one call (the decode step of a low-rank + sparse layer): z = x V
+// first (T x r), then each task's rows of S x, then the same rows' r-term dot products U[i,:] . z[t,:]
+// and the bias, while those rows are in cache. Saves the framework's three extra ops and two
 // extra passes over y per layer and token.
 at::Tensor bitmask_spmv_fused(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr,
                               const c10::optional<at::Tensor>& U, const c10::optional<at::Tensor>& V, const c10::optional<at::Tensor>& bias, int64_t isa_req) {
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor y = bitmask_spmv(x, values, bitmask, row_ptr, isa_req);
-  const int64_t T = y.size(0), m = y.size(1);
   const bool lr = U.has_value() && U->defined() && U->numel() > 0;
   const bool hb = bias.has_value() && bias->defined();
-  if (!lr && !hb) return y;
+  if (!lr && !hb) return spmv_rows(x_in, values, bitmask, row_ptr, isa_req, nullptr);
   at::Tensor z, Uf, bf;
-  int64_t r = 0;
-  if (lr) {
-    TORCH_CHECK(V.has_value() && V->defined(), "capllm kernel: U without V");
-    TORCH_CHECK(U->dim() == 2 && U->size(0) == m && V->dim() == 2 && V->size(0) == x.size(1) && V->size(1) == U->size(1), "capllm kernel: U (m, r) and V (n, r) do not fit");
-    r = U->size(1);
-    if (r * x.size(1) * T <= kSmallLowRankWork && V->scalar_type() == at::kFloat && V->is_contiguous()) {
-      z = small_x_times_v(x, *V);  // (T, r), without the dispatcher + BLAS call of at::matmul
-    } else {
-      z = at::matmul(x, V->to(at::kFloat)).contiguous();
-    }
-    Uf = U->to(at::kFloat).contiguous();
-  }
-  if (hb) {
-    TORCH_CHECK(bias->numel() == m, "capllm kernel: bias must have m entries");
-    bf = bias->to(at::kFloat).contiguous();
-  }
-  float* yp = y.data_ptr<float>();
-  const float* zp = lr ? z.data_ptr<float>() : nullptr;
-  const float* up = lr ? Uf.data_ptr<float>() : nullptr;
-  const float* bp = hb ? bf.data_ptr<float>() : nullptr;
-  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(r * T, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t i = r0; i < r1; ++i) {
-        float acc = hb ? bp[i] : 0.f;
-        for (int64_t k = 0; k < r; ++k) acc += up[i * r + k] * zp[t * r + k];
-        yp[t * m + i] += acc;
+  std::vector<float> zbuf;
+  auto prepare = [&](const at::Tensor& x, int64_t m) {
+    Epilogue ep;
+    const int64_t T = x.size(0), n = x.size(1);
+    if (lr) {
+      TORCH_CHECK(V.has_value() && V->defined(), "capllm kernel: U without V");
+      TORCH_CHECK(U->dim() == 2 && U->size(0) == m && V->dim() == 2 && V->size(0) == n && V->size(1) == U->size(1), "capllm kernel: U (m, r) and V (n, r) do not fit");
+      ep.r = U->size(1);
+      if (ep.r * n * T <= kSmallLowRankWork && V->scalar_type() == at::kFloat && V->is_contiguous()) {
+        zbuf.assign(T * ep.r, 0.f);  // without the dispatcher + BLAS call of at::matmul
+        small_x_times_v(x.data_ptr<float>(), V->data_ptr<float>(), zbuf.data(), T, n, ep.r);
+        ep.z = zbuf.data();
+      } else {
+        z = at::matmul(x, V->to(at::kFloat)).contiguous();
+        ep.z = z.data_ptr<float>();
       }
+      Uf = float_contiguous(*U);
+      ep.U = Uf.data_ptr<float>();
     }
-  });
-  return y;
+    if (hb) {
+      TORCH_CHECK(bias->numel() == m, "capllm kernel: bias must have m entries");
+      bf = float_contiguous(*bias);
+      ep.bias = bf.data_ptr<float>();
+    }
+    return ep;
+  };
+  return spmv_rows(x_in, values, bitmask, row_ptr, isa_req, prepare);
 }
 
 // Rows [r0, r1) of S (+ U Vᵀ) by the vector unpacks: four rows at a time, then the rest one by
