@@ -283,7 +283,8 @@ def test_auto_policy_records_the_kernel_probe():
 
 def test_kernel_probe_working_set_is_bounded(monkeypatch):
     """The DRAM-bound probe's copies span 2x the last-level cache but never more than
-    PROBE_MAX_BYTES: a huge reported L3 must not turn loading a model into GBs of copies."""
+    PROBE_MAX_BYTES (PROBE_FLUSHED_BYTES when the kernel evicts them before each sweep): a huge
+    reported L3 must not turn loading a model into GBs of copies."""
     from capllm.format import execution
 
     S = _sparse((64, 128), 0.5)
@@ -291,7 +292,14 @@ def test_kernel_probe_working_set_is_bounded(monkeypatch):
     size = S.numel() * S.element_size()
     monkeypatch.setattr(execution, "_last_level_cache_bytes", lambda: 1 << 40)
     monkeypatch.setattr(execution, "PROBE_MAX_BYTES", 10 * size)
-    assert execution.probe_kernel(S, P)["probe_copies"] == 10
+    monkeypatch.setattr(execution, "PROBE_FLUSHED_BYTES", 10 * size)  # the span when the kernel can evict the copies
+    out = execution.probe_kernel(S, P)
+    assert out["probe_copies"] == 10
+    assert out["probe_flushed"] == (cpu_build.load() is not None)  # every sweep starts from DRAM
+    if cpu_build.load() is not None:
+        before = S.clone()
+        cpu_build.load().flush(S)  # evicts, changes nothing
+        assert torch.equal(S, before)
     monkeypatch.setattr(execution, "_last_level_cache_bytes", lambda: 2 * size)  # a small cache: 2x it
     assert execution.probe_kernel(S, P)["probe_copies"] == 4
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from capllm.errors import CapllmError
 from capllm.format.modules import DEFAULT_KERNEL_MAX_TOKENS, LowRankSparseLinear, to_csr
-from capllm.kernels import BitmaskMatrix, kernel_backend, kernel_unavailable_reason
+from capllm.kernels import BitmaskMatrix, cpu_build, kernel_backend, kernel_unavailable_reason
 
 POLICIES = ("auto", "dense", "csr", "kernel")
 AUTO_CSR_MAX_DENSITY = 0.10
@@ -56,6 +56,9 @@ COLD_REPEATS = 3
 # the packed copies) raised the peak RSS of loading SmolLM2 CAP 50 % from ~0.25 GB to 1.6 GB, above
 # the dense model's. Past the cap part of the sweep can hit in that L3, as part of a model's decode would.
 PROBE_MAX_BYTES = 256 << 20
+# With the CPU kernel built, every sweep starts from DRAM anyway: the probe evicts its copies
+# (clflush) before each timed sweep, and the copies only amortise a call's start-up, so fewer do.
+PROBE_FLUSHED_BYTES = 32 << 20
 
 _probe_cache: dict[tuple, dict[str, Any]] = {}
 
@@ -111,13 +114,16 @@ def probe(S: torch.Tensor, tokens: int = PROBE_TOKENS) -> dict[str, Any]:
     return out
 
 
-def sweep_ms(fns, device: torch.device, repeats: int = COLD_REPEATS) -> float:
-    """Median per-call ms of sweeps through ``fns`` (one call per distinct copy)."""
+def sweep_ms(fns, device: torch.device, repeats: int = COLD_REPEATS, evict=None) -> float:
+    """Median per-call ms of sweeps through ``fns`` (one call per distinct copy); ``evict()``, if
+    given, runs untimed before each sweep (to start every sweep from DRAM)."""
     for f in fns:
         f()
     _sync(device)
     per = []
     for _ in range(repeats):
+        if evict is not None:
+            evict()
         t = time.perf_counter()
         for f in fns:
             f()
@@ -131,22 +137,28 @@ def probe_kernel(S: torch.Tensor, packed: BitmaskMatrix) -> dict[str, Any]:
     and of prefill (unpack + GEMM vs GEMM) at :data:`PREFILL_TOKENS` tokens.
 
     As in a model's decode step, where each layer's weights come from DRAM: the probe cycles
-    through ``copies`` distinct copies of both forms, together twice the last-level cache (L2 on a
-    GPU; at most :data:`PROBE_MAX_BYTES`), so no call finds its matrix in cache; one call's time is a sweep's time
-    over the number of copies. A single call after a cache flush would mostly time the start-up
-    latency of the first misses, which swamps a small matrix."""
+    through ``copies`` distinct copies of both forms, so no call finds its matrix in cache; one
+    call's time is a sweep's time over the number of copies (a single call would mostly time the
+    start-up latency of the first misses, which swamps a small matrix). With the CPU kernel built
+    every sweep starts from DRAM (its ``flush`` op evicts the copies first) and the copies span
+    :data:`PROBE_FLUSHED_BYTES`; without it they span twice the last-level cache (L2 on a GPU), at
+    most :data:`PROBE_MAX_BYTES`."""
     dev = S.device
     llc = _last_level_cache_bytes() if dev.type == "cpu" else 64 << 20
-    span = min(2 * llc, PROBE_MAX_BYTES)
+    ops = cpu_build.load() if dev.type == "cpu" else None
+    flush = getattr(ops, "flush", None) if ops is not None else None
+    span = min(2 * llc, PROBE_FLUSHED_BYTES if flush else PROBE_MAX_BYTES)
     copies = int(min(256, max(1, -(-span // (S.numel() * S.element_size())))))
     dense = [S] + [S.clone() for _ in range(copies - 1)]
     packs = [packed] + [BitmaskMatrix(packed.values.clone(), packed.bitmask.clone(), packed.row_ptr, packed.shape) for _ in range(copies - 1)]
-    out: dict[str, Any] = {"kernel_ms": {}, "dense_cold_ms": {}, "probe_copies": copies}
+    evict_dense = (lambda: [flush(W) for W in dense]) if flush else None  # noqa: E731
+    evict_packed = (lambda: [flush(t) for P in packs for t in (P.values, P.bitmask, P.row_ptr)]) if flush else None  # noqa: E731
+    out: dict[str, Any] = {"kernel_ms": {}, "dense_cold_ms": {}, "probe_copies": copies, "probe_flushed": flush is not None}
     with torch.inference_mode():
         for t in DECODE_TOKENS:
             x = torch.randn(t, S.shape[1], dtype=S.dtype, device=dev)
-            out["dense_cold_ms"][t] = round(sweep_ms([lambda W=W: F.linear(x, W) for W in dense], dev), 4)
-            out["kernel_ms"][t] = round(sweep_ms([lambda P=P: P.matmul(x) for P in packs], dev), 4)
+            out["dense_cold_ms"][t] = round(sweep_ms([lambda W=W: F.linear(x, W) for W in dense], dev, evict=evict_dense), 4)
+            out["kernel_ms"][t] = round(sweep_ms([lambda P=P: P.matmul(x) for P in packs], dev, evict=evict_packed), 4)
         del dense[1:], packs[1:]
         x = torch.randn(PREFILL_TOKENS, S.shape[1], dtype=S.dtype, device=dev)
         base = _median_ms(lambda: F.linear(x, S), dev, COLD_REPEATS)

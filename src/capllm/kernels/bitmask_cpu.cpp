@@ -670,6 +670,18 @@ at::Tensor bitmask_unpack(const at::Tensor& values, const at::Tensor& bitmask, c
 
 int64_t best_isa() { return resolve_isa(AUTO); }
 
+// Evict a tensor's bytes from every cache level (clflush per 64-byte line): the load-time probe
+// (format/execution.py) times decode-sized calls on matrices that come from DRAM, as in a model's
+// decode step, without holding copies that span the whole (possibly huge, shared) L3.
+void flush_cache(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "capllm kernel: flush needs a contiguous CPU tensor");
+  const char* p = static_cast<const char*>(t.data_ptr());
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  for (int64_t o = 0; o < bytes; o += 64) _mm_clflush(p + o);
+  if (bytes > 0) _mm_clflush(p + bytes - 1);
+  _mm_mfence();
+}
+
 // How many threads an at::parallel_for of this build runs on (1 if it was compiled without OpenMP,
 // whatever torch.get_num_threads() says: the build flags are what make the kernel multi-threaded).
 int64_t parallel_threads() {
@@ -691,6 +703,7 @@ TORCH_LIBRARY(capllm_bitmask, m) {
   m.def("unpack_rows(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int r0, int r1, Tensor(a!) out, int isa=0, Tensor? U=None, Tensor? Vt=None) -> Tensor(a!)");
   m.def("best_isa", &best_isa);
   m.def("parallel_threads", &parallel_threads);
+  m.def("flush(Tensor t) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(capllm_bitmask, CPU, m) {
@@ -698,4 +711,5 @@ TORCH_LIBRARY_IMPL(capllm_bitmask, CPU, m) {
   m.impl("spmv_fused", &bitmask_spmv_fused);
   m.impl("unpack", &bitmask_unpack);
   m.impl("unpack_rows", &bitmask_unpack_rows);
+  m.impl("flush", &flush_cache);
 }
