@@ -154,7 +154,7 @@ AVX512_TARGET inline uint32_t mask16(const uint8_t* b, int64_t k, int64_t nb) {
 // chunks at one token measured the same, within 3 %), and the values prefetched kPrefetchBytes
 // ahead, as in the AVX2 path below: the value loads' addresses hang on the popcounts of the mask.
 // On an AVX-512 Xeon the prefetch took the fp32 path at one token from 1.19-1.33x dense to
-// 1.40-1.65x and bf16 values from 1.30-1.55x to 2.09-2.62x (benchmarks/decode_ab.py, SmolLM2
+// 1.44-1.65x and bf16 values from 1.30-1.55x to 2.12-2.68x (benchmarks/decode_ab.py, SmolLM2
 // shapes, 1 GB of copies per case, 1 thread).
 template <int VT, int TB>
 AVX512_TARGET void rows_avx512_tb(const Problem& P, int64_t r0, int64_t r1, int64_t t0) {
