@@ -56,7 +56,7 @@ def _env() -> dict:
 
     return {"capllm_commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
             "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None),
-            "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": cpu_build.best_isa(), "kernel_unavailable": cpu_build.unavailable_reason(),
+            "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": cpu_build.best_isa(), "kernel_unavailable": cpu_build.unavailable_reason(), "kernel_serial": cpu_build.serial_reason(),
             "last_level_cache_mib": _last_level_cache_bytes() >> 20, "loadavg": os.getloadavg()[0]}
 
 

@@ -55,6 +55,8 @@ def test_the_cpu_kernel_runs_on_torchs_threads():
         pytest.skip(f"no CPU kernel: {cpu_build.unavailable_reason()}")
     if not torch.backends.openmp.is_available():
         pytest.skip("torch is not built with OpenMP")
+    if cpu_build.serial_reason():
+        pytest.skip(cpu_build.serial_reason())
     ops, before = cpu_build.load(), torch.get_num_threads()
     S = _sparse((300, 200), 0.5)
     P = BitmaskMatrix.from_dense(S)

@@ -33,7 +33,7 @@ CFLAGS = ["-O3", "-fno-math-errno"]
 OPENMP_FLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "ops": None, "reason": None}
+_state: dict = {"tried": False, "ops": None, "reason": None, "serial": None}
 
 
 def _build_dir() -> Path:
@@ -45,20 +45,23 @@ def _build_dir() -> Path:
     return root / f"bitmask_cpu-{key}"
 
 
-def build_library(name: str, source: Path, build: Path, openmp: bool = True) -> None:
+def build_library(name: str, source: Path, build: Path, openmp: bool = True) -> str | None:
     """Compile ``source`` into ``build`` and load it (its operators register on load). Multi-threaded
     with OpenMP where torch uses OpenMP (``openmp=False``: one thread, for A/B measurements); if a
-    toolchain cannot build with ``-fopenmp``, one thread."""
+    toolchain cannot build with ``-fopenmp``, one thread, and the return value says why (else ``None``)."""
     from torch.utils import cpp_extension
 
     omp = OPENMP_FLAGS if openmp and torch.backends.openmp.is_available() else []
     try:
         cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build), extra_cflags=CFLAGS + omp, extra_ldflags=omp,
                            is_python_module=False, verbose=False)
-    except Exception:
+        return None
+    except Exception as exc:
         if not omp:
             raise
         cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build), extra_cflags=CFLAGS, is_python_module=False, verbose=False)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"built without OpenMP, so on one thread ({type(exc).__name__}: {first[:160]})"
 
 
 def _try_build():
@@ -74,7 +77,7 @@ def _try_build():
         if lib.is_file() and not (build / "lock").exists():  # built before (and no build under way): load without the compiler
             torch.ops.load_library(str(lib))
             return torch.ops.capllm_bitmask, None
-        build_library(name, SOURCE, build)
+        _state["serial"] = build_library(name, SOURCE, build)
         return torch.ops.capllm_bitmask, None
     except Exception as exc:  # compiler, ninja or headers missing, or the build failed
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -89,6 +92,12 @@ def load():
                 _state["ops"], _state["reason"] = _try_build()
                 _state["tried"] = True
     return _state["ops"]
+
+
+def serial_reason() -> str | None:
+    """Why this process's kernel build runs on one thread (``None``: it uses torch's threads)."""
+    load()
+    return _state["serial"]
 
 
 def unavailable_reason() -> str | None:
