@@ -29,7 +29,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 namespace {
@@ -118,6 +117,8 @@ struct RowBlock {
 // made the fp32 path 1.6x slower than T0 (NTA fills L1 only and leaves the L2 streamer idle), so
 // the hint is chosen by vendor, once.
 constexpr int64_t kPrefetchBytes = 2048;
+template <int VT>
+constexpr int64_t kValueBytes = VT == F32 ? 4 : 2;  // bytes per stored value
 bool prefetch_nta() {
   __builtin_cpu_init();  // this runs as a static initialiser, possibly before libgcc's own
   return __builtin_cpu_is("amd");
@@ -159,7 +160,7 @@ AVX512_TARGET inline uint32_t mask16(const uint8_t* b, int64_t k, int64_t nb) {
 template <int VT, int TB>
 AVX512_TARGET void rows_avx512_tb(const Problem& P, int64_t r0, int64_t r1, int64_t t0) {
   constexpr int KU = 2;
-  constexpr int64_t item = VT == F32 ? 4 : 2, step_bytes = 16 * KU * item;  // most value bytes one step reads
+  constexpr int64_t item = kValueBytes<VT>, step_bytes = 16 * KU * item;  // most value bytes one step reads
   const char* vbytes = static_cast<const char*>(P.values);
   const int64_t n = P.n, full = n / 16, rem = n - 16 * full;
   const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
@@ -225,7 +226,7 @@ AVX512_TARGET void rows_avx512_rb(const Problem& P, int64_t i0, int64_t t0) {
       uint32_t mk;
       std::memcpy(&mk, b[r] + 2 * k, 2);
       mk &= 0xFFFFu;
-      prefetch_values(static_cast<const char*>(P.values) + p[r] * (VT == F32 ? 4 : 2) + kPrefetchBytes);
+      prefetch_values(static_cast<const char*>(P.values) + p[r] * kValueBytes<VT> + kPrefetchBytes);
       w[r] = _mm512_maskz_expand_ps(static_cast<__mmask16>(mk), load16<VT>(P.values, p[r]));
       p[r] += __builtin_popcount(mk);
     }
@@ -356,7 +357,7 @@ AVX2_TARGET inline float hsum8(__m256 v) {
 template <int VT, int TB>
 AVX2_TARGET void rows_avx2_tb(const Problem& P, int64_t r0, int64_t r1, int64_t t0) {
   constexpr int KU = TB == 1 ? 4 : TB == 2 ? 2 : 1;
-  constexpr int64_t item = VT == F32 ? 4 : 2, step_bytes = 8 * KU * item;  // most value bytes one step reads
+  constexpr int64_t item = kValueBytes<VT>, step_bytes = 8 * KU * item;  // most value bytes one step reads
   const char* vbytes = static_cast<const char*>(P.values);
   const int64_t n = P.n, full = n / 8, rem = n - 8 * full;
   const __m256i tail = tail_mask8(rem);
@@ -519,21 +520,18 @@ at::Tensor float_contiguous(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
 }
 
-// y (T, m) = x Sᵀ (+ the epilogue), rows divided among torch's threads; one task per row range
-// computes its rows and then adds their low-rank part and bias while they are in cache.
-at::Tensor spmv_rows(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t isa_req,
-                     const std::function<Epilogue(const at::Tensor& x, int64_t m)>& prepare) {
-  TORCH_CHECK(x_in.dim() == 2, "capllm kernel: x must be (tokens, n)");
-  const int64_t n = x_in.size(1);
+// y (T, m) = x Sᵀ (+ the epilogue) for fp32 contiguous x, rows divided among torch's threads; one
+// task per row range computes its rows and then adds their low-rank part and bias while they are in cache.
+at::Tensor spmv_rows(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t isa_req,
+                     const Epilogue& ep) {
+  const int64_t n = x.size(1);
   Problem P = make_problem(values, bitmask, row_ptr, n);
-  at::Tensor x = float_contiguous(x_in);
   P.T = x.size(0);
   at::Tensor y = at::empty({P.T, P.m}, x.options());
   P.x = x.data_ptr<float>();
   P.y = y.data_ptr<float>();
   const int vt = value_type(values);
   const int isa = resolve_isa(isa_req);
-  const Epilogue ep = prepare ? prepare(x, P.m) : Epilogue{};
   for_rows(P.m, n * std::max<int64_t>(P.T, 1), [&](int64_t r0, int64_t r1) {
     if (isa == SCALAR) rows_scalar(P, vt, r0, r1);
     else if (vt == F32) rows_vector<F32>(P, isa, r0, r1);
@@ -544,8 +542,13 @@ at::Tensor spmv_rows(const at::Tensor& x_in, const at::Tensor& values, const at:
   return y;
 }
 
+at::Tensor float_tokens(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2, "capllm kernel: x must be (tokens, n)");
+  return float_contiguous(x_in);
+}
+
 at::Tensor bitmask_spmv(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t isa_req) {
-  return spmv_rows(x_in, values, bitmask, row_ptr, isa_req, nullptr);
+  return spmv_rows(float_tokens(x_in), values, bitmask, row_ptr, isa_req, Epilogue{});
 }
 
 // z = x V for x (T, n) and V (n, r), both fp32 contiguous, by plain loops into `z` (T x r, zeroed):
@@ -573,37 +576,32 @@ void small_x_times_v(const float* xp, const float* vp, float* zp, int64_t T, int
 // extra passes over y per layer and token.
 at::Tensor bitmask_spmv_fused(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr,
                               const c10::optional<at::Tensor>& U, const c10::optional<at::Tensor>& V, const c10::optional<at::Tensor>& bias, int64_t isa_req) {
-  const bool lr = U.has_value() && U->defined() && U->numel() > 0;
-  const bool hb = bias.has_value() && bias->defined();
-  if (!lr && !hb) return spmv_rows(x_in, values, bitmask, row_ptr, isa_req, nullptr);
+  const at::Tensor x = float_tokens(x_in);
+  const int64_t T = x.size(0), n = x.size(1), m = bitmask.size(0);
+  Epilogue ep;
   at::Tensor z, Uf, bf;
   std::vector<float> zbuf;
-  auto prepare = [&](const at::Tensor& x, int64_t m) {
-    Epilogue ep;
-    const int64_t T = x.size(0), n = x.size(1);
-    if (lr) {
-      TORCH_CHECK(V.has_value() && V->defined(), "capllm kernel: U without V");
-      TORCH_CHECK(U->dim() == 2 && U->size(0) == m && V->dim() == 2 && V->size(0) == n && V->size(1) == U->size(1), "capllm kernel: U (m, r) and V (n, r) do not fit");
-      ep.r = U->size(1);
-      if (ep.r * n * T <= kSmallLowRankWork && V->scalar_type() == at::kFloat && V->is_contiguous()) {
-        zbuf.assign(T * ep.r, 0.f);  // without the dispatcher + BLAS call of at::matmul
-        small_x_times_v(x.data_ptr<float>(), V->data_ptr<float>(), zbuf.data(), T, n, ep.r);
-        ep.z = zbuf.data();
-      } else {
-        z = at::matmul(x, V->to(at::kFloat)).contiguous();
-        ep.z = z.data_ptr<float>();
-      }
-      Uf = float_contiguous(*U);
-      ep.U = Uf.data_ptr<float>();
+  if (U.has_value() && U->defined() && U->numel() > 0) {
+    TORCH_CHECK(V.has_value() && V->defined(), "capllm kernel: U without V");
+    TORCH_CHECK(U->dim() == 2 && U->size(0) == m && V->dim() == 2 && V->size(0) == n && V->size(1) == U->size(1), "capllm kernel: U (m, r) and V (n, r) do not fit");
+    ep.r = U->size(1);
+    if (ep.r * n * T <= kSmallLowRankWork && V->scalar_type() == at::kFloat && V->is_contiguous()) {
+      zbuf.assign(T * ep.r, 0.f);  // without the dispatcher + BLAS call of at::matmul
+      small_x_times_v(x.data_ptr<float>(), V->data_ptr<float>(), zbuf.data(), T, n, ep.r);
+      ep.z = zbuf.data();
+    } else {
+      z = at::matmul(x, V->to(at::kFloat)).contiguous();
+      ep.z = z.data_ptr<float>();
     }
-    if (hb) {
-      TORCH_CHECK(bias->numel() == m, "capllm kernel: bias must have m entries");
-      bf = float_contiguous(*bias);
-      ep.bias = bf.data_ptr<float>();
-    }
-    return ep;
-  };
-  return spmv_rows(x_in, values, bitmask, row_ptr, isa_req, prepare);
+    Uf = float_contiguous(*U);
+    ep.U = Uf.data_ptr<float>();
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == m, "capllm kernel: bias must have m entries");
+    bf = float_contiguous(*bias);
+    ep.bias = bf.data_ptr<float>();
+  }
+  return spmv_rows(x, values, bitmask, row_ptr, isa_req, ep);
 }
 
 // Rows [r0, r1) of S (+ U Vᵀ) by the vector unpacks: four rows at a time, then the rest one by
