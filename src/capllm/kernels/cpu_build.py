@@ -60,8 +60,12 @@ def build_library(name: str, source: Path, build: Path, openmp: bool = True) -> 
         if not omp:
             raise
         cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build), extra_cflags=CFLAGS, is_python_module=False, verbose=False)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"built without OpenMP, so on one thread ({type(exc).__name__}: {first[:160]})"
+        return f"built without OpenMP, so on one thread ({_first_line(exc)})"
+
+
+def _first_line(exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {first[:160]}"
 
 
 def _try_build():
@@ -74,14 +78,17 @@ def _try_build():
         build.mkdir(parents=True, exist_ok=True)
         name = "capllm_bitmask_cpu"
         lib = build / f"{name}.so"
+        serial = build / "serial.txt"  # why a fallback build of this folder runs on one thread
         if lib.is_file() and not (build / "lock").exists():  # built before (and no build under way): load without the compiler
             torch.ops.load_library(str(lib))
-            return torch.ops.capllm_bitmask, None
-        _state["serial"] = build_library(name, SOURCE, build)
+        else:
+            serial.unlink(missing_ok=True)
+            if (why := build_library(name, SOURCE, build)) is not None:
+                serial.write_text(why)
+        _state["serial"] = serial.read_text() if serial.is_file() else None
         return torch.ops.capllm_bitmask, None
     except Exception as exc:  # compiler, ninja or headers missing, or the build failed
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return None, f"could not build the CPU kernel ({type(exc).__name__}: {first[:160]})"
+        return None, f"could not build the CPU kernel ({_first_line(exc)})"
 
 
 def load():
@@ -95,7 +102,7 @@ def load():
 
 
 def serial_reason() -> str | None:
-    """Why this process's kernel build runs on one thread (``None``: it uses torch's threads)."""
+    """Why the loaded kernel build runs on one thread (``None``: it uses torch's threads); kept beside the build, so a cached build says it too."""
     load()
     return _state["serial"]
 
