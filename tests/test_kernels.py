@@ -294,10 +294,14 @@ def test_kernel_probe_working_set_is_bounded(monkeypatch):
     size = S.numel() * S.element_size()
     monkeypatch.setattr(execution, "_last_level_cache_bytes", lambda: 1 << 40)
     monkeypatch.setattr(execution, "PROBE_MAX_BYTES", 10 * size)
-    monkeypatch.setattr(execution, "PROBE_FLUSHED_BYTES", 10 * size)  # the span when the kernel can evict the copies
+    monkeypatch.setattr(execution, "PROBE_FLUSHED_BYTES", 6 * size)  # the span when the kernel can evict the copies
+    kernel = cpu_build.load() is not None
+    evicts = []
+    sweep = execution.sweep_ms
+    monkeypatch.setattr(execution, "sweep_ms", lambda fns, dev, repeats=3, evict=None: (evicts.append(evict), sweep(fns, dev, repeats, evict))[1])
     out = execution.probe_kernel(S, P)
-    assert out["probe_copies"] == 10
-    assert out["probe_flushed"] == (cpu_build.load() is not None)  # every sweep starts from DRAM
+    assert out["probe_copies"] == (6 if kernel else 10)
+    assert out["probe_flushed"] == kernel and evicts and all((e is not None) == kernel for e in evicts)  # every sweep starts from DRAM
     if cpu_build.load() is not None:
         before = S.clone()
         cpu_build.load().flush(S)  # evicts, changes nothing
