@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capllm.kernels import BitmaskMatrix, cpu_build
+from capllm.kernels import BitmaskMatrix
 
 LAYOUTS = ("dense", "csr", "bitmask")
 DEFAULT_KERNEL_MAX_TOKENS = 8
@@ -181,13 +181,7 @@ class LowRankSparseLinear(nn.Module):
         call. Prefill: the dense GEMM on ``unpack(S) + U Vᵀ``, built a few MB of rows at a time in a
         reused buffer (:meth:`~capllm.kernels.BitmaskMatrix.linear_prefill`), so the low-rank part
         costs no extra passes over the activations and no call allocates a dense matrix."""
-        tokens = x.numel() // self.in_features
-        if tokens <= self.kernel_max_tokens:
-            if x.dtype == torch.float32 and x.device.type == "cpu" and (ops := cpu_build.load()) is not None:
-                # straight to the CPU kernel: this runs once per layer and decoded token, and the
-                # general path (BitmaskMatrix.matmul) cost ~8 us of Python per call, ~1.5 ms per SmolLM2 token
-                y = ops.spmv_fused(x.reshape(tokens, self.in_features), self.S_values, self.S_bitmask, self.S_row_ptr, self.U, self.V, self.bias, 0)
-                return y.view(*x.shape[:-1], self.out_features)
+        if x.numel() // self.in_features <= self.kernel_max_tokens:
             return self.packed.matmul(x, U=self.U, V=self.V, bias=self.bias)
         return self.packed.linear_prefill(x, U=self.U, V=self.V, bias=self.bias)
 

@@ -192,12 +192,10 @@ class BitmaskMatrix:
         if x.shape[-1] != n:
             raise ValueError(f"x has {x.shape[-1]} features, the matrix takes {n}")
         x2 = x.reshape(-1, n)
-        extra = U is not None or bias is not None
-        if x.device.type == "cpu" and (ops := cpu_build.load()) is not None:
-            if extra:
-                return ops.spmv_fused(x2, self.values, self.bitmask, self.row_ptr, U, V, bias, _ISA[isa]).to(x.dtype).reshape(*x.shape[:-1], m)
-            y = ops.spmv(x2, self.values, self.bitmask, self.row_ptr, _ISA[isa])
-        elif x.device.type == "cuda" and (tri := _triton()) is not None:
+        if x.device.type == "cpu" and (ops := cpu_build.load()) is not None:  # one call, whatever of U, V, bias is given
+            y = ops.spmv_fused(x2, self.values, self.bitmask, self.row_ptr, U, V, bias, _ISA[isa])
+            return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], m)
+        if x.device.type == "cuda" and (tri := _triton()) is not None:
             y = tri.spmv(x2, self)
         else:
             y = x2.float() @ self.dense().t()
