@@ -11,7 +11,7 @@ from capllm.errors import CapllmError
 from capllm.format.modules import LowRankSparseLinear
 from capllm.methods.base import Structure, get_method, matrix_budget
 from capllm.methods.lowrank import subspace_svd, truncated_svd, whitening_factor
-from capllm.methods.masks import keep_per_row_filled, prune_lowest_per_row
+from capllm.methods.masks import keep_per_row_filled, keep_top_per_row, prune_lowest_per_row
 from capllm.methods.wanda import wanda_mask
 from conftest import random_layer, run_layer_compressor, tiny_model, random_calibration
 
@@ -75,6 +75,40 @@ def test_keep_per_row_filled_is_exact_and_wanda_compatible():
     for i in range(7):  # every row keeps its best entries
         kept, dropped = score[i][mask[i]], score[i][~mask[i]]
         assert kept.min() >= dropped.max()
+
+
+def _sorted_keep_per_row_filled(score, k):
+    """The definition, by a stable ascending sort of every row (the implementation before 2026-12-06)."""
+    rows, cols = score.shape
+    q, e = divmod(k, rows)
+    order = torch.sort(score, dim=1, stable=True).indices
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if q:
+        mask.scatter_(1, order[:, cols - q:], True)
+    if e:
+        nxt = order[:, cols - q - 1]
+        nxt_score = score.gather(1, nxt.unsqueeze(1)).squeeze(1)
+        chosen = torch.sort(nxt_score, descending=True, stable=True).indices[:e]
+        mask[chosen, nxt[chosen]] = True
+    return mask
+
+
+@pytest.mark.parametrize("levels", [None, 3, 1])  # continuous scores, many ties, all equal
+def test_per_row_masks_equal_the_stable_sort(levels):
+    g = torch.Generator().manual_seed(7)
+    for rows, cols in ((1, 1), (5, 9), (13, 64), (40, 33)):
+        score = torch.rand(rows, cols, generator=g)
+        if levels:
+            score = torch.randint(0, levels, (rows, cols), generator=g).float()
+        for k in sorted({0, 1, rows - 1, rows, rows + 1, rows * cols // 2, rows * cols // 2 + 3, rows * cols - 1, rows * cols}):
+            k = max(0, min(k, rows * cols))
+            want = _sorted_keep_per_row_filled(score, k)
+            got = keep_per_row_filled(score, k)
+            assert torch.equal(got, want), (rows, cols, k, levels)
+            assert int(got.sum()) == k
+        for q in range(cols + 1):
+            assert torch.equal(keep_top_per_row(score, q), _sorted_keep_per_row_filled(score, q * rows))
+            assert torch.equal(prune_lowest_per_row(score, cols - q), keep_top_per_row(score, q))
 
 
 # ---------------------------------------------------------------- SVD family
