@@ -50,14 +50,14 @@ def _env() -> dict:
 
     import torch
 
-    from capllm.format.execution import _last_level_cache_bytes
+    from capllm.format.execution import last_level_cache_bytes
     from capllm.kernels import cpu_build
     from capllm.results import source_commit
 
     return {"capllm_commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
             "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None),
             "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": cpu_build.best_isa(), "kernel_unavailable": cpu_build.unavailable_reason(), "kernel_serial": cpu_build.serial_reason(),
-            "last_level_cache_mib": _last_level_cache_bytes() >> 20, "loadavg": os.getloadavg()[0]}
+            "last_level_cache_mib": last_level_cache_bytes() >> 20, "loadavg": os.getloadavg()[0]}
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -83,10 +83,10 @@ def kernel_rows(working_set_mb: int | None, device: str = "cpu") -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from capllm.format.execution import _last_level_cache_bytes
+    from capllm.format.execution import last_level_cache_bytes
     from capllm.kernels import BitmaskMatrix
 
-    llc = _last_level_cache_bytes() if device == "cpu" else 64 << 20  # a GPU's L2 is ≤ 64 MB
+    llc = last_level_cache_bytes() if device == "cpu" else 64 << 20  # a GPU's L2 is ≤ 64 MB
     target = working_set_mb << 20 if working_set_mb else max(256 << 20, 4 * llc)
     thread_counts = (1, 2) if device == "cpu" else (None,)
     rows = []

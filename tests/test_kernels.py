@@ -292,7 +292,7 @@ def test_kernel_probe_working_set_is_bounded(monkeypatch):
     S = _sparse((64, 128), 0.5)
     P = BitmaskMatrix.from_dense(S)
     size = S.numel() * S.element_size()
-    monkeypatch.setattr(execution, "_last_level_cache_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(execution, "last_level_cache_bytes", lambda: 1 << 40)
     monkeypatch.setattr(execution, "PROBE_MAX_BYTES", 10 * size)
     monkeypatch.setattr(execution, "PROBE_FLUSHED_BYTES", 6 * size)  # the span when the kernel can evict the copies
     kernel = cpu_build.load() is not None
@@ -306,7 +306,7 @@ def test_kernel_probe_working_set_is_bounded(monkeypatch):
         before = S.clone()
         cpu_build.load().flush(S)  # evicts, changes nothing
         assert torch.equal(S, before)
-    monkeypatch.setattr(execution, "_last_level_cache_bytes", lambda: 2 * size)  # a small cache: 2x it
+    monkeypatch.setattr(execution, "last_level_cache_bytes", lambda: 2 * size)  # a small cache: 2x it
     assert execution.probe_kernel(S, P)["probe_copies"] == 4
 
 

@@ -86,7 +86,8 @@ def _median_ms(fn, device: torch.device, repeats: int = PROBE_REPEATS) -> float:
     return statistics.median(times)
 
 
-def _last_level_cache_bytes() -> int:
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache ``/sys`` reports for cpu0 (the L3 on every CPU here), 32 MiB if none."""
     best = 0
     for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         txt = f.read_text().strip().upper()
@@ -144,7 +145,7 @@ def probe_kernel(S: torch.Tensor, packed: BitmaskMatrix) -> dict[str, Any]:
     :data:`PROBE_FLUSHED_BYTES`; without it they span twice the last-level cache (L2 on a GPU), at
     most :data:`PROBE_MAX_BYTES`."""
     dev = S.device
-    llc = _last_level_cache_bytes() if dev.type == "cpu" else 64 << 20
+    llc = last_level_cache_bytes() if dev.type == "cpu" else 64 << 20
     ops = cpu_build.load() if dev.type == "cpu" else None
     flush = getattr(ops, "flush", None) if ops is not None else None
     span = min(2 * llc, PROBE_FLUSHED_BYTES if flush else PROBE_MAX_BYTES)
