@@ -279,8 +279,50 @@ def test_auto_policy_records_the_kernel_probe():
     if layout == "bitmask":
         assert why["kernel_max_tokens"] >= 1 and why["prefill_ratio"] > 0
     assert choose_layout(S, "kernel")[0] == "bitmask"
+    if cpu_build.best_isa() == "avx512":  # both vector paths timed, the faster one kept
+        assert set(why["kernel_ms_by_isa"]) == {"avx512", "avx2"} and why["kernel_ms"] == why["kernel_ms_by_isa"][why["kernel_isa"]]
+    else:
+        assert why["kernel_isa"] == "auto" and "kernel_ms_by_isa" not in why
     dense_only = torch.randn(64, 64)  # packing cannot pay at density 1
     assert "does not pay" in choose_layout(dense_only, "auto")[1]["kernel"]
+
+
+def test_pick_isa_keeps_avx512_unless_avx2_is_clearly_faster():
+    from capllm.format.execution import KERNEL_ISA_MARGIN, pick_isa
+
+    t = lambda a512, a2: {"avx512": {1: a512, 8: 1.0}, "avx2": {1: a2, 8: 9.0}}  # noqa: E731 (only the 1-token time counts)
+    assert pick_isa(t(1.0, 0.8)) == "avx2"
+    assert pick_isa(t(1.0, 1.0)) == "avx512"  # a tie keeps the wider path
+    assert pick_isa(t(1.0, KERNEL_ISA_MARGIN + 0.001)) == "avx512"
+    assert pick_isa(t(1.0, 1.2)) == "avx512"
+    assert pick_isa({"auto": {1: 1.0, 8: 2.0}}) == "auto"
+
+
+def test_loader_decodes_on_the_probed_isa(saved_models, monkeypatch):
+    """`auto` records the probe's path on each bitmask module and decode calls the kernel with it;
+    both paths give the in-memory model's logits."""
+    if cpu_build.best_isa() != "avx512":
+        pytest.skip(f"one vector path on this CPU ({cpu_build.best_isa()})")
+    from test_format import IDS
+
+    from capllm.format import execution
+
+    d, ref = saved_models[("llama", "cap")]
+    calls = []
+    matmul = BitmaskMatrix.matmul
+    monkeypatch.setattr(BitmaskMatrix, "matmul", lambda self, x, isa="auto", **kw: (calls.append(isa), matmul(self, x, isa=isa, **kw))[1])
+    for planted in ("avx2", "avx512"):
+        execution._probe_cache.clear()
+        monkeypatch.setattr(execution, "pick_isa", lambda ms, planted=planted: planted)
+        monkeypatch.setattr(execution, "KERNEL_SLACK", 1e9)  # the kernel path whatever the timing on a loaded machine
+        model, _ = capllm.load_compressed(d, execution="auto")
+        rows = [r for r in capllm.describe_execution(model)["modules"] if "bitmask" in r["path"]]
+        assert rows and all(r["kernel_isa"] == planted for r in rows)
+        calls.clear()
+        got = _incremental_logits(model, IDS, prompt=12)
+        assert calls and set(calls) == {planted}
+        assert (got - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    execution._probe_cache.clear()
 
 
 def test_kernel_probe_working_set_is_bounded(monkeypatch):

@@ -13,6 +13,9 @@ Policy ``auto`` (the default), for each sparse part ``S (m × n)`` of density ``
    the whole model's decode faster; longer inputs (prefill) unpack ``S`` once per call and run
    the dense GEMM — the probe also times that at :data:`PREFILL_TOKENS` tokens and records it as
    ``prefill_ratio``. If the kernel loses clearly even at one token the layer goes to rule 2.
+   On a CPU with AVX-512 the probe also times the kernel's AVX2 path and keeps the faster
+   (``kernel_isa``): on AMD Zen 5 the AVX-512 path's ``vexpandps`` is the bottleneck and the AVX2
+   path's permutation table decodes 5–30 % faster, while on Intel the AVX-512 path wins.
 2. density above :data:`AUTO_CSR_MAX_DENSITY` (10 %) → **dense**. On the 2-core CPU here
    torch's CSR × dense product was 2.5–4× *slower* than dense at 50 % density
    (benchmarks/format.md).
@@ -49,6 +52,7 @@ PROBE_REPEATS = 5
 CSR_MARGIN = 0.9  # CSR must take < 90 % of the dense time
 DECODE_TOKENS = (1, 8)
 PREFILL_TOKENS = 128
+KERNEL_ISA_MARGIN = 0.97  # the AVX2 path replaces the AVX-512 one only when it takes < 97 % of its time
 KERNEL_SLACK = 1.10  # the kernel may take up to 110 % of the cache-cold dense time (it holds ~half the bytes)
 COLD_REPEATS = 3
 # The DRAM-bound probe's distinct dense copies together span 2x the last-level cache, but at most
@@ -133,6 +137,21 @@ def sweep_ms(fns, device: torch.device, repeats: int = COLD_REPEATS, evict=None)
     return statistics.median(per)
 
 
+def kernel_isas(device: torch.device) -> tuple[str, ...]:
+    """The kernel paths the probe times on ``device``: ``("auto",)`` (the kernel's own choice) except on
+    a CPU with AVX-512, where the AVX2 path is timed beside it."""
+    return ("avx512", "avx2") if device.type == "cpu" and cpu_build.best_isa() == "avx512" else ("auto",)
+
+
+def pick_isa(ms: dict[str, dict[int, float]]) -> str:
+    """The path with the lower one-token time; ``avx2`` replaces ``avx512`` only below
+    :data:`KERNEL_ISA_MARGIN` × its time (a tie keeps the wider path)."""
+    if set(ms) != {"avx512", "avx2"}:
+        return next(iter(ms))
+    t1 = DECODE_TOKENS[0]
+    return "avx2" if ms["avx2"][t1] < KERNEL_ISA_MARGIN * ms["avx512"][t1] else "avx512"
+
+
 def probe_kernel(S: torch.Tensor, packed: BitmaskMatrix) -> dict[str, Any]:
     """DRAM-bound times of the packed kernel and the dense GEMM at :data:`DECODE_TOKENS` tokens,
     and of prefill (unpack + GEMM vs GEMM) at :data:`PREFILL_TOKENS` tokens.
@@ -154,17 +173,24 @@ def probe_kernel(S: torch.Tensor, packed: BitmaskMatrix) -> dict[str, Any]:
     packs = [packed] + [BitmaskMatrix(packed.values.clone(), packed.bitmask.clone(), packed.row_ptr, packed.shape) for _ in range(copies - 1)]
     evict_dense = (lambda: [flush(W) for W in dense]) if flush else None  # noqa: E731
     evict_packed = (lambda: [flush(t) for P in packs for t in (P.values, P.bitmask, P.row_ptr)]) if flush else None  # noqa: E731
+    isas = kernel_isas(dev)
     out: dict[str, Any] = {"kernel_ms": {}, "dense_cold_ms": {}, "probe_copies": copies, "probe_flushed": flush is not None}
+    by_isa: dict[str, dict[int, float]] = {isa: {} for isa in isas}
     with torch.inference_mode():
         for t in DECODE_TOKENS:
             x = torch.randn(t, S.shape[1], dtype=S.dtype, device=dev)
             out["dense_cold_ms"][t] = round(sweep_ms([lambda W=W: F.linear(x, W) for W in dense], dev, evict=evict_dense), 4)
-            out["kernel_ms"][t] = round(sweep_ms([lambda P=P: P.matmul(x) for P in packs], dev, evict=evict_packed), 4)
+            for isa in isas:
+                by_isa[isa][t] = round(sweep_ms([lambda P=P: P.matmul(x, isa=isa) for P in packs], dev, evict=evict_packed), 4)
         del dense[1:], packs[1:]
         x = torch.randn(PREFILL_TOKENS, S.shape[1], dtype=S.dtype, device=dev)
         base = _median_ms(lambda: F.linear(x, S), dev, COLD_REPEATS)
         unpacked = _median_ms(lambda: F.linear(x, packed.dense().to(S.dtype)), dev, COLD_REPEATS)
     out["prefill_ratio"] = round(unpacked / base, 4)
+    out["kernel_isa"] = pick_isa(by_isa)
+    out["kernel_ms"] = by_isa[out["kernel_isa"]]
+    if len(by_isa) > 1:
+        out["kernel_ms_by_isa"] = by_isa
     max_tokens = 0
     for t in DECODE_TOKENS:
         if out["kernel_ms"][t] > KERNEL_SLACK * out["dense_cold_ms"][t]:
@@ -220,7 +246,7 @@ def choose_layout(S: torch.Tensor | BitmaskMatrix, policy: str = "auto", value_d
     backend = kernel_backend(device)
     if policy == "kernel":
         why = "forced by policy kernel" + ("" if backend else f" (no kernel here: {kernel_unavailable_reason(device)}; runs by unpacking)")
-        return "bitmask", {**decision, "backend": backend, "kernel_max_tokens": DEFAULT_KERNEL_MAX_TOKENS, "reason": why}
+        return "bitmask", {**decision, "backend": backend, "kernel_max_tokens": DEFAULT_KERNEL_MAX_TOKENS, "kernel_isa": "auto", "reason": why}
     if backend is None:
         decision["kernel"] = f"unavailable: {kernel_unavailable_reason(device)}"
     elif not _packing_pays(density, torch.finfo(vdt).bits // 8):
@@ -235,8 +261,9 @@ def choose_layout(S: torch.Tensor | BitmaskMatrix, policy: str = "auto", value_d
         if timing["kernel_max_tokens"] > 0:
             t1 = DECODE_TOKENS[0]
             return "bitmask", {**decision, "backend": backend, **timing,
-                               "reason": f"probe (DRAM-bound, {t1} token): kernel {timing['kernel_ms'][t1]} ms vs dense {timing['dense_cold_ms'][t1]} ms"}
-        decision.update(backend=backend, kernel_ms=timing["kernel_ms"], dense_cold_ms=timing["dense_cold_ms"], kernel="slower than dense at 1 token")
+                               "reason": f"probe (DRAM-bound, {t1} token): kernel ({timing['kernel_isa']}) {timing['kernel_ms'][t1]} ms vs dense {timing['dense_cold_ms'][t1]} ms"}
+        decision.update(backend=backend, kernel_isa=timing["kernel_isa"], kernel_ms=timing["kernel_ms"], dense_cold_ms=timing["dense_cold_ms"],
+                        **({"kernel_ms_by_isa": timing["kernel_ms_by_isa"]} if "kernel_ms_by_isa" in timing else {}), kernel="slower than dense at 1 token")
     if density > AUTO_CSR_MAX_DENSITY:
         return "dense", {**decision, "reason": f"density {density:.3f} > {AUTO_CSR_MAX_DENSITY}: CSR does not pay"}
     key = (str(device), threads, m, n, round(density, 2), dtype)
@@ -256,6 +283,7 @@ def describe_execution(model: nn.Module) -> dict[str, Any]:
             row = {"name": name, "path": mod.execution, "rank": mod.rank, "nnz": mod.nnz, **(mod.decision or {})}
             if mod.sparse_layout == "bitmask":
                 row["kernel_max_tokens"] = mod.kernel_max_tokens
+                row["kernel_isa"] = mod.kernel_isa
             rows.append(row)
         elif getattr(mod, "capllm_decision", None) is not None:
             rows.append({"name": name, "path": "dense", "rank": 0, **mod.capllm_decision})

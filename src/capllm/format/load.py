@@ -131,6 +131,7 @@ def _runnable(packed: modeling_capllm.CapllmLinear, spec: dict, policy: str, spa
     if layout == "bitmask":
         mod.set_packed(bits, dense_dtype)
         mod.kernel_max_tokens = decision.get("kernel_max_tokens", mod.kernel_max_tokens)
+        mod.kernel_isa = decision.get("kernel_isa", mod.kernel_isa)
     elif S is not None:
         mod.S = nn.Parameter(S, requires_grad=False)
         if layout == "csr":

@@ -62,6 +62,7 @@ class LowRankSparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
         self.decision: dict[str, Any] | None = None  # why the loader chose this layout (set by capllm.format.execution)
         self.kernel_max_tokens = DEFAULT_KERNEL_MAX_TOKENS  # bitmask layout: inputs up to this many tokens run the packed kernel
+        self.kernel_isa = "auto"  # bitmask layout: the CPU kernel path decode runs (the loader's probe may pick avx2 over avx512)
         self._packed_shape: tuple[int, int] | None = None
 
     @classmethod
@@ -182,7 +183,7 @@ class LowRankSparseLinear(nn.Module):
         reused buffer (:meth:`~capllm.kernels.BitmaskMatrix.linear_prefill`), so the low-rank part
         costs no extra passes over the activations and no call allocates a dense matrix."""
         if x.numel() // self.in_features <= self.kernel_max_tokens:
-            return self.packed.matmul(x, U=self.U, V=self.V, bias=self.bias)
+            return self.packed.matmul(x, isa=self.kernel_isa, U=self.U, V=self.V, bias=self.bias)
         return self.packed.linear_prefill(x, U=self.U, V=self.V, bias=self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
