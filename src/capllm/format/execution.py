@@ -14,8 +14,9 @@ Policy ``auto`` (the default), for each sparse part ``S (m × n)`` of density ``
    the dense GEMM — the probe also times that at :data:`PREFILL_TOKENS` tokens and records it as
    ``prefill_ratio``. If the kernel loses clearly even at one token the layer goes to rule 2.
    On a CPU with AVX-512 the probe also times the kernel's AVX2 path and keeps the faster
-   (``kernel_isa``): on AMD Zen 5 the AVX-512 path's ``vexpandps`` is the bottleneck and the AVX2
-   path's permutation table decodes 5–30 % faster, while on Intel the AVX-512 path wins.
+   (``kernel_isa``): on AMD Zen 5 the AVX-512 path's ``vexpandps`` bounds the decode and the AVX2
+   path (a permutation table) takes 0.67–0.91× its time at densities ≤ 0.5 (benchmarks/isa_ab.py),
+   while on an Intel Xeon the AVX-512 path was the faster.
 2. density above :data:`AUTO_CSR_MAX_DENSITY` (10 %) → **dense**. On the 2-core CPU here
    torch's CSR × dense product was 2.5–4× *slower* than dense at 50 % density
    (benchmarks/format.md).
