@@ -175,7 +175,7 @@ def probe_kernel(S: torch.Tensor, packed: BitmaskMatrix) -> dict[str, Any]:
     evict_dense = (lambda: [flush(W) for W in dense]) if flush else None  # noqa: E731
     evict_packed = (lambda: [flush(t) for P in packs for t in (P.values, P.bitmask, P.row_ptr)]) if flush else None  # noqa: E731
     isas = kernel_isas(dev)
-    out: dict[str, Any] = {"kernel_ms": {}, "dense_cold_ms": {}, "probe_copies": copies, "probe_flushed": flush is not None}
+    out: dict[str, Any] = {"dense_cold_ms": {}, "probe_copies": copies, "probe_flushed": flush is not None}
     by_isa: dict[str, dict[int, float]] = {isa: {} for isa in isas}
     with torch.inference_mode():
         for t in DECODE_TOKENS:
@@ -263,8 +263,8 @@ def choose_layout(S: torch.Tensor | BitmaskMatrix, policy: str = "auto", value_d
             t1 = DECODE_TOKENS[0]
             return "bitmask", {**decision, "backend": backend, **timing,
                                "reason": f"probe (DRAM-bound, {t1} token): kernel ({timing['kernel_isa']}) {timing['kernel_ms'][t1]} ms vs dense {timing['dense_cold_ms'][t1]} ms"}
-        decision.update(backend=backend, kernel_isa=timing["kernel_isa"], kernel_ms=timing["kernel_ms"], dense_cold_ms=timing["dense_cold_ms"],
-                        **({"kernel_ms_by_isa": timing["kernel_ms_by_isa"]} if "kernel_ms_by_isa" in timing else {}), kernel="slower than dense at 1 token")
+        decision.update({k: timing[k] for k in ("kernel_isa", "kernel_ms", "kernel_ms_by_isa", "dense_cold_ms") if k in timing},
+                        backend=backend, kernel="slower than dense at 1 token")
     if density > AUTO_CSR_MAX_DENSITY:
         return "dense", {**decision, "reason": f"density {density:.3f} > {AUTO_CSR_MAX_DENSITY}: CSR does not pay"}
     key = (str(device), threads, m, n, round(density, 2), dtype)
