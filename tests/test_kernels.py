@@ -403,6 +403,22 @@ _REMOTE = textwrap.dedent("""
     import json, sys, torch
     if sys.argv[3] == "without-capllm":
         sys.modules["capllm"] = None  # `import capllm` now fails inside modeling_capllm
+    isas = []
+    if sys.argv[3] == "planted":  # capllm's policy answers: alternately the kernel (scalar path, 2 tokens) and dense
+        from capllm.format import execution
+        from capllm.kernels import BitmaskMatrix
+        calls = []
+        def planted(S, policy="auto", value_dtype=None, dense_dtype=None):
+            calls.append(policy)
+            if len(calls) % 2:
+                return "bitmask", {"kernel_max_tokens": 2, "kernel_isa": "scalar", "reason": "planted"}
+            return "dense", {"reason": "planted"}
+        execution.choose_layout = planted
+        matmul = BitmaskMatrix.matmul
+        def spy(self, x, isa="auto", **kw):
+            isas.append(isa)
+            return matmul(self, x, isa=isa, **kw)
+        BitmaskMatrix.matmul = spy
     from transformers import AutoModelForCausalLM
     ids = torch.tensor(json.loads(sys.argv[2]))
     m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
@@ -415,12 +431,18 @@ _REMOTE = textwrap.dedent("""
             past = out.past_key_values
     used = sum(getattr(x, "_packed", None) is not None for x in m.modules())
     cached = sum(getattr(x, "_S_cache", None) is not None for x in m.modules())
-    print(json.dumps({"logits": torch.cat(logits, 1).tolist(), "kernel_modules": used, "dense_cached": cached}))
+    layouts = [x.capllm_decision["layout"] for x in m.modules() if getattr(x, "capllm_decision", None) is not None]
+    print(json.dumps({"logits": torch.cat(logits, 1).tolist(), "kernel_modules": used, "dense_cached": cached,
+                      "layouts": layouts, "isas": sorted(set(isas)), "matmul_calls": len(isas)}))
 """)
 
 
-@pytest.mark.parametrize("mode", ["with-capllm", "without-capllm"])
+@pytest.mark.parametrize("mode", ["with-capllm", "without-capllm", "planted"])
 def test_trust_remote_code_uses_the_kernel_when_capllm_is_there(saved_models, mode, tmp_path):
+    """With capllm the remote-code class runs what capllm's execution policy chooses per layer (a
+    planted policy's kernel layers, path and token limit reach every call; its dense layers are
+    unpacked once); without capllm every ``S`` is unpacked once. Logits match the in-memory model
+    to 1e-5 either way, prefill and decode."""
     from test_format import IDS
 
     d, ref = saved_models[("qwen2", "mixed")]
@@ -431,7 +453,13 @@ def test_trust_remote_code_uses_the_kernel_when_capllm_is_there(saved_models, mo
     got = torch.tensor(res["logits"])
     assert (got - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     kernel_here = cpu_build.load() is not None
-    if mode == "with-capllm" and kernel_here:
-        assert res["kernel_modules"] == 14 and res["dense_cached"] == 0
-    else:
+    if mode == "without-capllm" or not kernel_here:
         assert res["kernel_modules"] == 0 and res["dense_cached"] == 14
+    elif mode == "with-capllm":  # every layer follows the policy's measured choice
+        assert len(res["layouts"]) == 14 and res["dense_cached"] == res["layouts"].count("dense")
+        assert res["kernel_modules"] == 14  # the packed matrix is built for every layer before the policy is asked
+    else:
+        assert res["layouts"] == ["bitmask", "dense"] * 7 and res["dense_cached"] == 7
+        # decode (a batch of 2 sequences: 2 tokens a step): each of the 7 kernel layers once a step; the prefill
+        # (2 x 12 tokens > 2) never calls the kernel
+        assert res["isas"] == ["scalar"] and res["matmul_calls"] == 7 * (IDS.shape[1] - 12)

@@ -23,11 +23,15 @@ Storage of one compressed linear ``y = U'(V'ᵀx) + S x + b`` (shape ``(out, in)
 * ``<name>.bias (out,)`` when the layer has one.
 
 Execution of a bitmask ``S``: when capllm is installed and has a packed kernel for the device
-(``capllm.kernels``: compiled on CPU, Triton on CUDA), inputs of at most ``KERNEL_MAX_TOKENS``
-tokens (decode) run it straight from the packed values, and longer ones (prefill) unpack ``S``
-for that call only — no dense copy is kept. Without capllm (or without a kernel) ``S`` is
-unpacked to a dense matrix on the first forward and cached (not saved). capllm's own loader
-(``capllm.load_compressed``) goes further and measures, per layer, which path is fastest.
+(``capllm.kernels``: compiled on CPU, Triton on CUDA), the layer's first forward asks capllm's
+execution policy (``capllm.format.execution.choose_layout``, the measurement ``capllm.load_compressed``
+makes, cached per shape) what to run: the kernel up to ``kernel_max_tokens`` tokens (decode, the
+whole layer ``U'(V'ᵀx) + S x + b`` in one call, on the vector path the probe found faster —
+``kernel_isa``), and for longer inputs (prefill) the dense GEMM on ``S + U'V'ᵀ`` unpacked a block
+of rows at a time — no dense copy is kept; or dense, when the probe finds the kernel slower. The
+choice is kept in ``capllm_decision``. With an older capllm that has no such policy the kernel
+runs up to ``KERNEL_MAX_TOKENS`` tokens on its default path. Without capllm (or without a
+kernel) ``S`` is unpacked to a dense matrix on the first forward and cached (not saved).
 """
 
 from __future__ import annotations
@@ -54,6 +58,26 @@ def _capllm_kernels():
     except Exception:
         return None
     return kernels
+
+
+def _capllm_policy(pk, dtype: torch.dtype) -> dict:
+    """What capllm's execution policy runs for the packed ``pk``: ``{"layout": "bitmask" | "dense",
+    "kernel_max_tokens", "kernel_isa", ...the decision}``. Without the policy (an older capllm) or
+    if it fails: the kernel up to ``KERNEL_MAX_TOKENS`` tokens on its default path."""
+    fallback = {"layout": "bitmask", "kernel_max_tokens": KERNEL_MAX_TOKENS, "kernel_isa": None, "reason": "capllm has no execution policy: defaults"}
+    try:
+        from capllm.format.execution import choose_layout
+    except Exception:
+        return fallback
+    if not hasattr(pk, "linear_prefill"):
+        return fallback
+    try:
+        layout, decision = choose_layout(pk, "auto", dense_dtype=dtype)
+    except Exception as exc:  # a probe must never break inference: run the defaults
+        return {**fallback, "reason": f"capllm's probe failed ({type(exc).__name__}): defaults"}
+    # CSR is capllm's own loader's business: here anything but the kernel runs dense
+    return {**decision, "layout": "bitmask" if layout == "bitmask" else "dense",
+            "kernel_max_tokens": int(decision.get("kernel_max_tokens", KERNEL_MAX_TOKENS)), "kernel_isa": decision.get("kernel_isa")}
 
 
 def unpack_mask(bitmask: torch.Tensor, n: int) -> torch.Tensor:
@@ -93,6 +117,7 @@ class CapllmLinear(nn.Module):
         self.bias = p(out_f) if spec.get("bias") else None
         self._S_cache = None
         self._packed = None  # a capllm.kernels.BitmaskMatrix over S_values' storage, once built
+        self.capllm_decision = None  # capllm's choice for the packed matrix (see _capllm_policy)
 
     def _kernel_matrix(self):
         """The packed matrix for capllm's kernel on this device, or ``None`` (no capllm / no kernel)."""
@@ -107,6 +132,7 @@ class CapllmLinear(nn.Module):
         pk = kernels.BitmaskMatrix.from_packed(self.S_values.data, self.S_bitmask, (self.out_features, self.in_features))
         self.S_values.data = pk.values[: pk.nnz]  # share the padded copy's storage: no second copy of the values
         self._packed = pk
+        self.capllm_decision = _capllm_policy(pk, self.S_values.dtype)
         return pk
 
     def sparse_dense(self) -> torch.Tensor | None:
@@ -118,15 +144,29 @@ class CapllmLinear(nn.Module):
             c = self._S_cache = unpack_bitmask(self.S_values, self.S_bitmask, (self.out_features, self.in_features))
         return c
 
-    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+    def _packed_plan(self):
+        """``(packed matrix, capllm's decision)`` when the kernel serves this layer, else ``None``."""
         pk = self._kernel_matrix() if self._S_cache is None else None
-        if pk is None:
+        if pk is None or self.capllm_decision["layout"] != "bitmask":
+            return None
+        return pk, self.capllm_decision
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._packed_plan()
+        if plan is None:
             return F.linear(x, self.sparse_dense())
-        if x.numel() // self.in_features <= KERNEL_MAX_TOKENS:
+        pk, d = plan
+        if x.numel() // self.in_features <= d["kernel_max_tokens"]:
             return pk.matmul(x)
         return F.linear(x, pk.dense().to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._packed_plan()
+        if plan is not None and plan[1]["kernel_isa"] is not None:  # capllm's policy: the whole layer in one call
+            pk, d = plan
+            if x.numel() // self.in_features <= d["kernel_max_tokens"]:
+                return pk.matmul(x, isa=d["kernel_isa"], U=self.U, V=self.V, bias=self.bias)
+            return pk.linear_prefill(x, U=self.U, V=self.V, bias=self.bias)
         if self.U is None:
             if self.layout == "dense":
                 return F.linear(x, self.S, self.bias)
