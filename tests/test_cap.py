@@ -191,3 +191,51 @@ def test_guard_windows_are_drawn_after_the_calibration_windows():
     a = sample_windows(ids, 6, 32, 3)
     b = sample_windows(ids, 6 + 4, 32, 3)
     assert torch.equal(a, b[:6])  # adding held-out windows leaves the statistics' windows as they were
+
+
+@pytest.mark.parametrize("method", ["cap", "cap-uniform"])
+def test_two_four_structure_keeps_every_group_within_two(method):
+    """--structure 2:4: every compressed matrix's sparse part has at most 2 non-zeros in each group of
+    4 consecutive inputs, through the selection, the guard's alternatives and the OBS refit, and
+    the budget is met as without a structure (fails if the pool is not restricted)."""
+    from capllm.methods.base import Structure
+
+    model = tiny_model("llama", seed=3)
+    ctx = _ctx_held(model, n=4)
+    opts = {"steps": "0", "rpca_max_iter": "60", "rpca_tol": "1e-5", "tune_epochs": "0"}
+    get_method(method)(0.5, Structure.parse("2:4"), opts).compress_model(ctx)
+    b = ctx.extra["budget"]
+    assert b["achieved"] <= b["target"] and b["target"] - b["achieved"] < max(m + n for m, n in (h.shape for h in ctx.linears))
+    from capllm.format.modules import LowRankSparseLinear
+
+    for h in ctx.linears:
+        mod = model.get_submodule(h.name)
+        S = mod.S if isinstance(mod, LowRankSparseLinear) else mod.weight
+        m, n = h.shape
+        assert S is not None and int((S != 0).reshape(m, n // 4, 4).sum(-1).max()) <= 2, h.name
+        assert ctx.records[h.name].nnz == int((S != 0).sum())
+    assert sum(r.kept_params for r in ctx.records.values()) == b["achieved"]
+
+
+def test_nm_candidates_against_a_direct_loop():
+    from capllm.allocate.pools import nm_candidates
+
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(5, 11, generator=g) * (torch.rand(5, 11, generator=g) < 0.7)
+    S[0, 4:8] = torch.tensor([1.0, -1.0, 1.0, 0.5])  # a tie: the earlier columns win
+    a = torch.rand(11, generator=g) + 0.1
+    a[4:8] = 1.0
+    got = nm_candidates(S, a, 2, 4)
+    want = torch.zeros(5, 11, dtype=torch.bool)
+    for i in range(5):
+        for g0 in range(0, 11, 4):
+            cols = list(range(g0, min(g0 + 4, 11)))
+            ranked = sorted(cols, key=lambda j: (-(float(S[i, j]) ** 2) * float(a[j]), j))
+            for j in ranked[:2]:
+                want[i, j] = True
+    assert torch.equal(got, want)
+    assert got[0, 4:8].tolist() == [True, True, False, False]
+    from capllm.methods.base import Structure
+
+    with pytest.raises(Exception, match="reselect"):
+        get_method("cap")(0.5, Structure.parse("2:4"), {"refit": "reselect"})

@@ -78,6 +78,10 @@ class MatrixPool:
             S = flat.view_as(self.S)
         return U, V, S
 
+    def restricted(self, allowed: torch.Tensor) -> "MatrixPool":
+        """The same pool with ``S`` kept only where ``allowed (m, n)`` is true (fewer entry candidates)."""
+        return MatrixPool(self.name, self.shape, self.U, self.sigma, self.V, self.S * allowed.to(self.S.dtype))
+
     def dense(self, keep: torch.Tensor) -> torch.Tensor:
         """``W̃ = U diag(σ ⊙ m_σ) Vᵀ + S ⊙ m_S`` as a dense matrix."""
         r = self.rank
@@ -87,6 +91,27 @@ class MatrixPool:
         idx = self.support()
         flat[idx] += self.S.reshape(-1)[idx] * ke.to(self.S.dtype)
         return W
+
+
+def nm_candidates(S: torch.Tensor, input_energy: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+    """The entries of ``S (rows, cols)`` an ``n:m`` pattern may keep: in every group of ``m``
+    consecutive inputs of a row, the ``n`` with the largest ``S_ij² · A_jj`` (``A_jj = E[x_j²]``,
+    ``input_energy``; all ones if ``None``), ties to the earlier column; a last partial group keeps
+    ``min(n, its width)``. Within a row the K-FAC key of an entry, ``½ S_ij² A_jj G_ii``, orders the
+    entries the same way (``G_ii`` is the row's), so these are the ``n`` of each group CAP's ranking
+    would reach first — restricting the pool to them makes every allocation built from it ``n:m``.
+    Bool mask, shape of ``S``."""
+    rows, cols = S.shape
+    score = S.double().square()
+    if input_energy is not None:
+        score = score * input_energy.double().clamp_min(0).reshape(1, cols)
+    pad = (-cols) % m
+    if pad:  # a partial last group: its padding never wins a place
+        score = torch.cat([score, score.new_full((rows, pad), -1.0)], 1)
+    groups = score.reshape(rows, -1, m)
+    top = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True).reshape(rows, cols + pad)
+    return mask[:, :cols]
 
 
 class CandidatePools:

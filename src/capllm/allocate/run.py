@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from capllm.allocate.final_mask import greedy_fill
-from capllm.allocate.pools import CandidatePools, MatrixPool
+from capllm.allocate.pools import CandidatePools, MatrixPool, nm_candidates
 from capllm.allocate.refit import Decision, refit_layerwise
 from capllm.allocate.scores import matrix_costs, matrix_importance
 from capllm.allocate.select import Segment, streamed_bounded, streamed_greedy
@@ -55,11 +55,13 @@ def open_store(ctx):
 class CapRun:
     """One CAP-family run over the per-model files of a :class:`CapStore` (module docstring)."""
 
-    def __init__(self, ctx, o, store: CapStore) -> None:
+    def __init__(self, ctx, o, store: CapStore, structure: tuple[int, int] | None = None) -> None:
         self.ctx, self.o, self.store = ctx, o, store
         self.handles = {h.name: h for h in ctx.linears}
         self.s1: Path | None = None
         self._block_scale: dict[int, float] | None = None  # set by calibrate()
+        self.structure = structure  # (N, M): the sparse part keeps at most N of every M consecutive inputs
+        self._energy: tuple[int, dict] | None = None  # (block, its matrices' E[x_j²]) for the N:M pool
 
     def _on_main(self, work, stage: str):
         """Run ``work()`` on rank 0 only (it writes per-model files); every rank then reads the
@@ -141,7 +143,21 @@ class CapRun:
 
     # --- scores -----------------------------------------------------------------------------------
     def pool(self, name: str) -> MatrixPool:
-        return load_pool(self.s1, name, self.handles[name].shape)
+        """Matrix ``name``'s candidates: Stage 1's directions and entries; with an ``N:M`` structure only
+        the entries :func:`~capllm.allocate.pools.nm_candidates` allows (the same on every load, so
+        keys, selections and the refit all see one pool)."""
+        p = load_pool(self.s1, name, self.handles[name].shape)
+        if self.structure is None:
+            return p
+        return p.restricted(nm_candidates(p.S, self._input_energy(name), *self.structure))
+
+    def _input_energy(self, name: str) -> torch.Tensor | None:
+        """``E[x_j²]`` of matrix ``name``'s inputs from the run's statistics (``None`` without them)."""
+        i = self.handles[name].block_index
+        if self._energy is None or self._energy[0] != i:
+            stats = self.store.block_stats(i) if self.store.has_block_stats(i) else {}
+            self._energy = (i, {k: v["adiag"] for k, v in stats.items() if "adiag" in v})
+        return self._energy[1].get(name)
 
     def scores(self, kind: str, normalize: str) -> None:
         """The ranking key (importance per parameter) of every candidate, one file per matrix."""

@@ -59,6 +59,9 @@ class CapStore:
     def save_block_stats(self, i: int, stats: dict[str, dict[str, torch.Tensor]]) -> None:
         save_tensors_atomic(self._block("stats", i), {f"{name}.{k}": t for name, d in stats.items() for k, t in d.items()})
 
+    def has_block_stats(self, i: int) -> bool:
+        return self._block("stats", i).exists()
+
     def block_stats(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
         tensors, _ = load_tensors(self._block("stats", i))
         out: dict[str, dict[str, torch.Tensor]] = {}

@@ -61,6 +61,14 @@ besides the OBS refit (``refit=obs``, on):
   ``tune_hold_out`` calibration windows, off with ``refit=none``; ``tune_backoff=β`` restarts an
   epoch that did not improve from the best values at β × the step.
 
+**N:M** (``--structure 2:4``, ours): the sparse part keeps at most ``N`` of every ``M``
+consecutive inputs of a row, the pattern GPUs run as semi-structured sparsity. The pool is
+restricted to the ``N`` entries of each group that CAP's K-FAC key ranks first (within a row it
+orders entries by ``S_ij² E[x_j²]``; :func:`~capllm.allocate.pools.nm_candidates`), so every
+selection — global, guarded, uniform — and the support-preserving OBS refit and block tuning stay
+``N:M``; the allocation then chooses how many of those entries each matrix gives up for singular
+directions (a group may keep fewer than ``N``). ``refit=reselect`` is refused with a structure.
+
 Also here, the paper's two ablations on the same pools:
 
 * ``cap-uniform`` — each matrix gets the same share ``⌊(1 − ρ) m n⌋`` of the budget, filled
@@ -154,7 +162,13 @@ def _guard_against(o) -> tuple[str, ...]:
     return () if g == "none" else tuple(dict.fromkeys(a.strip() for a in g.split("+") if a.strip()))
 
 
-def _check_options(o, given: frozenset = frozenset()) -> None:
+def _nm(structure) -> tuple[int, int] | None:
+    return None if structure is None else (structure.n, structure.m)
+
+
+def _check_options(o, given: frozenset = frozenset(), structure=None) -> None:
+    if structure is not None and getattr(o, "refit", "none") == "reselect":
+        raise CapllmError(f"cap option refit=reselect re-chooses the entries per column block, which breaks the {structure} pattern: use refit=obs")
     if getattr(o, "score", "magnitude") not in ("fisher", "activation", "magnitude", "constant"):
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
     if getattr(o, "refit_iters", 0) < 0 or (getattr(o, "refit_iters", 0) > 0 and getattr(o, "refit", "none") == "none"):
@@ -252,6 +266,7 @@ class Cap(Method):
     Options = CapOptions
 
     distributed = True  # its stages divide over several processes (the policy excepted)
+    supports_structure = True  # N:M: the pool keeps the N best entries of each group (CapRun.pool)
 
     @property
     def held_out_windows(self) -> int:
@@ -260,8 +275,9 @@ class Cap(Method):
         return o.guard_windows if (o.guard != "none" or o.calibrate != "none") else 0
 
     def __init__(self, ratio: float, structure=None, options: dict | None = None) -> None:
-        super().__init__(ratio, structure, options)
-        _check_options(self.options, self.given_options)  # a wrong option fails before any work is done
+        super().__init__(ratio, None, options)  # any ratio with N:M: the pool caps the sparse part, directions fill the rest
+        self.structure = structure
+        _check_options(self.options, self.given_options, structure)  # a wrong option fails before any work is done
 
     def compress_model(self, ctx) -> None:
         o = self.options
@@ -270,7 +286,7 @@ class Cap(Method):
         if ctx.dist.enabled and o.steps > 0:
             raise CapllmError("cap's REINFORCE policy (steps > 0) runs in one process: run it without torchrun")
         with open_store(ctx) as store:
-            run = CapRun(ctx, o, store)
+            run = CapRun(ctx, o, store, _nm(self.structure))
             run.stage1()
             run.fisher()
             run.scores(o.score, _normalize(o))
@@ -369,15 +385,17 @@ class CapUniform(Method):
     description = "CAP ablation: same RPCA pools and scores, same budget share in every matrix"
     Options = CapOptions
     distributed = True
+    supports_structure = True
 
     def __init__(self, ratio: float, structure=None, options: dict | None = None) -> None:
-        super().__init__(ratio, structure, options)
-        _check_options(self.options, self.given_options)  # a wrong option fails before any work is done
+        super().__init__(ratio, None, options)  # any ratio with N:M: the pool caps the sparse part, directions fill the rest
+        self.structure = structure
+        _check_options(self.options, self.given_options, structure)  # a wrong option fails before any work is done
 
     def compress_model(self, ctx) -> None:
         o = self.options
         with open_store(ctx) as store:
-            run = CapRun(ctx, o, store)
+            run = CapRun(ctx, o, store, _nm(self.structure))
             run.stage1()
             run.fisher()
             run.scores(o.score, _normalize(o))
