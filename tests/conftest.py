@@ -77,13 +77,23 @@ def tiny_model_dir(tmp_path) -> Path:
     return d
 
 
+_USER_CACHE = os.environ.get("CAPLLM_CACHE")  # as the session found it (None: ~/.cache/capllm)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_kernel_build(tmp_path_factory):
     """One build of the CPU kernel for the whole session, shared by every test and subprocess
-    (each test has its own CAPLLM_CACHE, and a fresh process would compile it again)."""
+    (each test has its own CAPLLM_CACHE, and a fresh process would compile it again). Also a
+    session-wide CAPLLM_CACHE, so module-scoped fixtures (which run before any test's own) stay
+    out of the user's cache too."""
     os.environ["CAPLLM_KERNEL_CACHE"] = str(tmp_path_factory.getbasetemp() / "kernels")
+    os.environ["CAPLLM_CACHE"] = str(tmp_path_factory.getbasetemp() / "capllm-cache-session")
     yield
     os.environ.pop("CAPLLM_KERNEL_CACHE", None)
+    if _USER_CACHE is None:
+        os.environ.pop("CAPLLM_CACHE", None)
+    else:
+        os.environ["CAPLLM_CACHE"] = _USER_CACHE
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +101,10 @@ def _isolated_cache(request, tmp_path, monkeypatch):
     """Keep fast tests out of the user's cache; slow real-model tests share it (one download)."""
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("CAPLLM_CACHE", str(tmp_path / "capllm-cache"))
+    elif _USER_CACHE is None:
+        monkeypatch.delenv("CAPLLM_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("CAPLLM_CACHE", _USER_CACHE)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
