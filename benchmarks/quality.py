@@ -6,7 +6,7 @@ perplexity, its ratio to the reference method's cell of the same model, ratio an
 singular directions (``Σ r (m + n) / kept``), for CAP what the allocation safety did (the
 guard's held-out losses and choice, the per-block calibration factors), and what block tuning
 did (``tune_epochs``: the held-out block-output error it removed). Cells of different
-protocols (dataset, windows, seqlen, calibration) are never compared: the reference must match.
+protocols (dataset, windows, seqlen, calibration, N:M structure) are never compared: the reference must match.
 
     python benchmarks/quality.py benchmarks/results/quality/*/*.json --out benchmarks/results/quality
 """
@@ -29,7 +29,7 @@ def defaults(method: str) -> dict:
 def protocol(r: dict) -> tuple:
     p, c = r.get("perplexity") or {}, r.get("calibration") or {}
     return (r["model"]["name"], r.get("ratio"), p.get("dataset"), p.get("split"), p.get("seqlen"), p.get("windows"),
-            c.get("dataset"), c.get("nsamples"), c.get("seqlen"), c.get("seed"))
+            c.get("dataset"), c.get("nsamples"), c.get("seqlen"), c.get("seed"), r.get("structure"))
 
 
 # how a run behaved before these options were recorded: no guard, no block tuning
@@ -119,14 +119,14 @@ def main() -> None:
     ppl_of = lambda r: (r.get("perplexity") or {}).get("value")  # None: a cell run with --no-eval (e.g. for its guard record)
     ref = {protocol(r): ppl_of(r) for r in cells if r["method"] == a.reference and changed(r) == "defaults" and ppl_of(r) is not None}
     rows = []
-    for r in sorted(cells, key=lambda r: (r["model"]["name"], r.get("ratio") or 0, r["method"], changed(r))):
+    for r in sorted(cells, key=lambda r: (r["model"]["name"], r.get("ratio") or 0, r.get("structure") or "", r["method"], changed(r))):
         ppl = ppl_of(r)
         base = ref.get(protocol(r))
-        rows.append({"model": r["model"]["name"], "method": r["method"], "ratio": r.get("ratio"), "options": changed(r), "perplexity": ppl,
+        rows.append({"model": r["model"]["name"], "method": r["method"], "ratio": r.get("ratio"), "structure": r.get("structure"), "options": changed(r), "perplexity": ppl,
                      f"vs_{a.reference}": None if base is None or ppl is None else ppl / base, "compress_s": (r.get("time_s") or {}).get("compress"),
                      "lowrank_share": lowrank_share(r), "safety": safety(r), "tuning": tuning(r), "refit": reselection(r), "peak_rss_mb": r.get("peak_rss_mb"),
                      "capllm_commit": (r.get("environment") or {}).get("capllm_commit"), "date": r.get("date"), "file": r["_file"],
-                     "protocol": dict(zip(("model", "ratio", "dataset", "split", "seqlen", "windows", "calib", "nsamples", "calib_seqlen", "seed"), protocol(r)))})
+                     "protocol": dict(zip(("model", "ratio", "dataset", "split", "seqlen", "windows", "calib", "nsamples", "calib_seqlen", "seed", "structure"), protocol(r)))})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality.json").write_text(json.dumps(rows, indent=1))
     lines = [f"| model | method | ratio | options | perplexity | ÷ {a.reference} | compress s | low-rank share | allocation safety | refit / block tuning |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -136,7 +136,8 @@ def main() -> None:
         t_s = "" if t is None else f"{t:.0f}"
         lr_s = "" if lr is None else f"{100 * lr:.2f} %"
         ppl_s = "–" if x["perplexity"] is None else f"{x['perplexity']:.2f}"
-        lines.append(f"| {x['model']} | {x['method']} | {x['ratio']} | {x['options']} | {ppl_s} | {vs_s} | {t_s} | {lr_s} | {x['safety']} | {'; '.join(t for t in (x['refit'], x['tuning']) if t)} |")
+        ratio = f"{x['ratio']} ({x['structure']})" if x["structure"] else f"{x['ratio']}"
+        lines.append(f"| {x['model']} | {x['method']} | {ratio} | {x['options']} | {ppl_s} | {vs_s} | {t_s} | {lr_s} | {x['safety']} | {'; '.join(t for t in (x['refit'], x['tuning']) if t)} |")
     (a.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
