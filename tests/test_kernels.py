@@ -142,6 +142,69 @@ def test_unpack_rows_with_the_low_rank_part_on_every_path(dtype):
                     assert err <= 1e-5 * max(1.0, want.abs().max().item()), (m, n, rank, r0, r1, isa)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_unpack_cols_writes_each_column_block_on_every_path(dtype):
+    """``unpack_cols`` writes columns [c0, c1) of ``S + U Vᵀ`` (every vector path, four rows at a
+    time and the rest one by one, and scalar), starting each row at ``col_ptr`` — checked against
+    float64 for every block of widths 16 / 32 / 48, with a last block that is partial, not a
+    multiple of 8 or 16 wide, at ranks 0, 1, 5 (fused, and the scalar path's separate add)."""
+    isas = _isas()
+    if not isas:
+        pytest.skip(f"no CPU kernel: {cpu_build.unavailable_reason()}")
+    import capllm.kernels.bitmask as bitmask
+
+    ops = cpu_build.load()
+    g = torch.Generator().manual_seed(12)
+    for (m, n) in [(1, 17), (7, 70), (6, 100), (9, 33)]:
+        S = _sparse((m, n), 0.5, seed=m * n)
+        P = BitmaskMatrix.from_dense(S, dtype)
+        for rank in (0, 1, 5):
+            U, V = torch.randn(m, rank, generator=g), torch.randn(n, rank, generator=g)
+            want = S.to(dtype).double() + U.double() @ V.double().t()
+            for width in (16, 32, 48):
+                starts = P.col_ptr(width)
+                assert len(starts) == -(-n // width)
+                for b, c0 in enumerate(range(0, n, width)):
+                    c1 = min(n, c0 + width)
+                    for isa in isas:
+                        out = torch.full((m, c1 - c0), float("nan"))
+                        got = ops.unpack_cols(P.values, P.bitmask, P.row_ptr, starts[b], n, c0, c1, out, bitmask._ISA[isa],
+                                              U if rank else None, V[c0:c1].t().contiguous() if rank else None)
+                        assert got.data_ptr() == out.data_ptr()
+                        err = (got.double() - want[:, c0:c1]).abs().max().item()
+                        assert err <= 1e-5 * max(1.0, want.abs().max().item()), (m, n, rank, width, c0, isa)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.unpack_cols(P.values, P.bitmask, P.row_ptr, P.col_ptr(16)[0], n, 8, 24, torch.empty(m, 16), 0, None, None)
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 << 20, 4 * 7 * 16, 4 * 7 * 32])
+def test_prefill_of_a_wide_matrix_in_column_blocks_equals_the_dense_layer(chunk_bytes, monkeypatch):
+    """n > m: the prefill accumulates x[:, block] · (unpack(S) + UVᵀ)[:, block]ᵀ over blocks of
+    columns (one block; 16- and 32-wide blocks with a partial last one) — equal to the dense layer,
+    fused and addmm ranks, with a bias; the column path really ran (its row starts are cached)."""
+    import threading
+
+    import capllm.kernels.bitmask as bitmask
+
+    if cpu_build.load() is None:
+        pytest.skip(f"no CPU kernel: {cpu_build.unavailable_reason()}")
+    monkeypatch.setattr(bitmask, "_tls", threading.local())
+    g = torch.Generator().manual_seed(17)
+    m, n = 7, 70
+    S = _sparse((m, n), 0.5, seed=9)
+    P = BitmaskMatrix.from_dense(S)
+    for r in (0, 3, bitmask.fused_unpack_max_rank() + 2):
+        U, V = (torch.randn(m, r, generator=g), torch.randn(n, r, generator=g)) if r else (None, None)
+        b = torch.randn(m, generator=g)
+        x = torch.randn(2, 40, n, generator=g)
+        W = S.double() + (U.double() @ V.double().t() if r else 0)
+        want = x.double() @ W.t() + b.double()
+        got = P.linear_prefill(x, U, V, b, chunk_bytes=chunk_bytes)
+        assert got.shape == (2, 40, m) and (got.double() - want).abs().max() <= 1e-5 * want.abs().max().item()
+        width = (chunk_bytes // (4 * m)) // 16 * 16
+        assert (P._col_ptr is not None and P._col_ptr[0] == width) == (width < n)
+
+
 @pytest.mark.parametrize("chunk_bytes", [4 << 20, 4 * 70 * 5, 1])
 def test_prefill_in_row_blocks_equals_the_dense_layer(chunk_bytes, monkeypatch):
     """The prefill GEMM over row blocks of unpack(S) + UVᵀ (one block, blocks of 5 rows, 1 row)."""

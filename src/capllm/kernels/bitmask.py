@@ -27,7 +27,7 @@ import torch
 from capllm.kernels import cpu_build, reference
 
 PAD = 16
-PREFILL_CHUNK_BYTES = 4 << 20
+PREFILL_CHUNK_BYTES = 16 << 20
 # Up to this rank the prefill unpack adds U Vᵀ as it stores (r broadcast FMAs per 8/16 columns);
 # beyond it MKL's addmm on the unpacked block is faster. `benchmarks/prefill_breakdown.py` on the
 # four SmolLM2 shapes, 1 and 2 threads, fused / addmm — AVX2 (AMD Zen 3): 0.68-0.88 at r = 1,
@@ -91,6 +91,22 @@ class BitmaskMatrix:
     def __init__(self, values: torch.Tensor, bitmask: torch.Tensor, row_ptr: torch.Tensor, shape) -> None:
         self.values, self.bitmask, self.row_ptr = values, bitmask, row_ptr
         self.shape = (int(shape[0]), int(shape[1]))
+        self._col_ptr: tuple[int, list[torch.Tensor]] | None = None  # (block width, each block's row starts): wide prefill
+
+    def col_ptr(self, width: int) -> list[torch.Tensor]:
+        """For column blocks ``[b·width, (b+1)·width)`` (``width`` a multiple of 8): each block's
+        ``(m,) int64`` start of every row's values at the block's first column — ``row_ptr`` plus the
+        set bits before it (a popcount-table prefix over the mask bytes; built once per width)."""
+        if self._col_ptr is not None and self._col_ptr[0] == width:
+            return self._col_ptr[1]
+        m, n = self.shape
+        step = width // 8
+        pc = reference._POPCOUNT.to(self.bitmask.device)[self.bitmask.to(torch.int32)]  # (m, nb) set bits per byte
+        starts = [self.row_ptr[:-1].clone()]
+        for c0 in range(width, n, width):
+            starts.append(starts[-1] + pc[:, c0 // 8 - step : c0 // 8].sum(1, dtype=torch.int64))
+        self._col_ptr = (width, starts)
+        return starts
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -153,7 +169,8 @@ class BitmaskMatrix:
     def linear_prefill(self, x: torch.Tensor, U: torch.Tensor | None = None, V: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
         """``x (S + U Vᵀ)ᵀ + bias`` for many tokens: the dense GEMM, on ``S`` unpacked a block of rows
-        at a time (≤ ``chunk_bytes``, into one reused per-thread buffer) with ``U Vᵀ`` added to the
+        at a time — of columns when ``n > m``, accumulating into ``y``, so the wider operand ``x`` is
+        read once — (≤ ``chunk_bytes``, into one reused per-thread buffer) with ``U Vᵀ`` added to the
         block — by the unpack itself, as it stores, up to rank :func:`fused_unpack_max_rank` (no second
         pass over the buffer), by one ``addmm`` beyond it — so no call allocates a dense matrix. CPU + fp32 with the compiled kernel; anywhere
         else one unpack of the whole ``S``."""
@@ -166,13 +183,33 @@ class BitmaskMatrix:
                 W.addmm_(U.to(x.dtype), V.t().to(x.dtype))
             return torch.nn.functional.linear(x, W, bias)
         x2 = x.reshape(-1, n)
-        rows = max(1, min(m, (chunk_bytes or PREFILL_CHUNK_BYTES) // (4 * max(n, 1))))
-        ws = _workspace(rows * n)
-        y = torch.empty(x2.shape[0], m, dtype=torch.float32)
+        budget = chunk_bytes or PREFILL_CHUNK_BYTES
         rank = 0 if U is None else U.shape[1]
         fuse = 0 < rank <= fused_unpack_max_rank()
-        # fp32 contiguous once here, not in the kernel once per row block (its casts are then no-ops)
+        # fp32 contiguous once here, not in the kernel once per block (its casts are then no-ops)
         U_f, Vt_f = (U.float().contiguous(), V.t().float().contiguous()) if fuse else (None, None)
+        width = (budget // (4 * max(m, 1))) // 16 * 16
+        if n > m and 16 <= width < n and hasattr(ops, "unpack_cols"):
+            # wide (n > m): blocks of columns, y accumulated block by block, so x is read once (blocks of
+            # rows would read all of x once per block: 1.29x dense at 1536 x 8960, 512 tokens, Zen 5)
+            y = torch.empty(x2.shape[0], m, dtype=torch.float32)
+            ws = _workspace(m * width)
+            for b, c0 in enumerate(range(0, n, width)):
+                c1 = min(n, c0 + width)
+                Wc = ops.unpack_cols(self.values, self.bitmask, self.row_ptr, self.col_ptr(width)[b], n, c0, c1, ws[: m * (c1 - c0)].view(m, c1 - c0), 0,
+                                     U_f, None if Vt_f is None else Vt_f[:, c0:c1].contiguous())
+                if rank and not fuse:
+                    Wc.addmm_(U, V[c0:c1].t())
+                if c0 == 0:
+                    torch.mm(x2[:, c0:c1], Wc.t(), out=y)
+                else:
+                    y.addmm_(x2[:, c0:c1], Wc.t())
+            if bias is not None:
+                y += bias
+            return y.reshape(*x.shape[:-1], m)
+        rows = max(1, min(m, budget // (4 * max(n, 1))))
+        ws = _workspace(rows * n)
+        y = torch.empty(x2.shape[0], m, dtype=torch.float32)
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
             Wc = ops.unpack_rows(self.values, self.bitmask, self.row_ptr, n, r0, r1, ws[: (r1 - r0) * n].view(r1 - r0, n), 0, U_f, Vt_f)

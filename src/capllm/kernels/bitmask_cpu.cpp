@@ -43,6 +43,7 @@ struct Problem {
   const int64_t* rp;   // (m + 1,)
   float* y;            // (T, m) fp32, or the dense (m, n) output of unpack
   int64_t m, n, nb, T;
+  int64_t bs;          // bytes from one row's mask to the next: nb, or more for a column block (unpack_cols)
 };
 
 inline float scalar_value(const void* v, int64_t p, int vt) {
@@ -60,7 +61,7 @@ inline float scalar_value(const void* v, int64_t p, int vt) {
 // ---------------------------------------------------------------- scalar
 void rows_scalar(const Problem& P, int vt, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
-    const uint8_t* b = P.bm + i * P.nb;
+    const uint8_t* b = P.bm + i * P.bs;
     int64_t p = P.rp[i];
     for (int64_t t = 0; t < P.T; ++t) P.y[t * P.m + i] = 0.f;
     for (int64_t k = 0; k < P.nb; ++k) {
@@ -78,7 +79,7 @@ void rows_scalar(const Problem& P, int vt, int64_t r0, int64_t r1) {
 
 void unpack_scalar(const Problem& P, int vt, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
-    const uint8_t* b = P.bm + i * P.nb;
+    const uint8_t* b = P.bm + i * P.bs;
     int64_t p = P.rp[i];
     float* out = P.y + i * P.n;
     std::memset(out, 0, sizeof(float) * P.n);
@@ -102,7 +103,7 @@ struct RowBlock {
   float* out[RB];
   RowBlock(const Problem& P, int64_t i0) {
     for (int r = 0; r < RB; ++r) {
-      b[r] = P.bm + (i0 + r) * P.nb;
+      b[r] = P.bm + (i0 + r) * P.bs;
       p[r] = P.rp[i0 + r];
       out[r] = P.y + (i0 + r) * P.n;
     }
@@ -166,7 +167,7 @@ AVX512_TARGET void rows_avx512_tb(const Problem& P, int64_t r0, int64_t r1, int6
   const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
   const float* x = P.x + t0 * n;
   for (int64_t i = r0; i < r1; ++i) {
-    const uint8_t* b = P.bm + i * P.nb;
+    const uint8_t* b = P.bm + i * P.bs;
     int64_t p = P.rp[i];
     __m512 a[KU][TB];
     for (int u = 0; u < KU; ++u)
@@ -216,7 +217,7 @@ AVX512_TARGET void rows_avx512_rb(const Problem& P, int64_t i0, int64_t t0) {
   int64_t p[RB];
   __m512 a[RB][TB];
   for (int r = 0; r < RB; ++r) {
-    b[r] = P.bm + (i0 + r) * P.nb;
+    b[r] = P.bm + (i0 + r) * P.bs;
     p[r] = P.rp[i0 + r];
     for (int t = 0; t < TB; ++t) a[r][t] = _mm512_setzero_ps();
   }
@@ -363,7 +364,7 @@ AVX2_TARGET void rows_avx2_tb(const Problem& P, int64_t r0, int64_t r1, int64_t 
   const __m256i tail = tail_mask8(rem);
   const float* x = P.x + t0 * n;
   for (int64_t i = r0; i < r1; ++i) {
-    const uint8_t* b = P.bm + i * P.nb;
+    const uint8_t* b = P.bm + i * P.bs;
     int64_t p = P.rp[i];
     __m256 a[KU][TB];
     for (int u = 0; u < KU; ++u)
@@ -486,6 +487,7 @@ Problem make_problem(const at::Tensor& values, const at::Tensor& bitmask, const 
   P.m = m;
   P.n = n;
   P.nb = nb;
+  P.bs = nb;
   return P;
 }
 
@@ -661,6 +663,51 @@ at::Tensor bitmask_unpack_rows(const at::Tensor& values, const at::Tensor& bitma
   return out;
 }
 
+// Columns [c0, c1) of S (+ U Vtᵀ when U (m, r) and Vt (r, c1 - c0) are given), dense fp32, into `out`
+// (m x (c1 - c0), contiguous): the prefill path of a wide matrix (n > m) unpacks a block of columns
+// at a time and accumulates x[:, c0:c1] · outᵀ, so x is read once, not once per block of rows.
+// c0 is a multiple of 16; col_ptr (m,) holds where each row's values from column c0 on start
+// (row_ptr + the set bits before c0). The block is the same unpack as unpack_rows on a Problem whose
+// mask rows start c0 / 8 bytes in (row stride bs = the whole row's nb) and are c1 - c0 columns wide.
+at::Tensor bitmask_unpack_cols(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, const at::Tensor& col_ptr, int64_t n,
+                               int64_t c0, int64_t c1, at::Tensor out, int64_t isa_req, const c10::optional<at::Tensor>& U_in, const c10::optional<at::Tensor>& Vt_in) {
+  Problem P = make_problem(values, bitmask, row_ptr, n);
+  TORCH_CHECK(0 <= c0 && c0 < c1 && c1 <= n && c0 % 16 == 0, "capllm kernel: columns [", c0, ", ", c1, ") must lie in 0..", n, " and start at a multiple of 16");
+  TORCH_CHECK(col_ptr.dim() == 1 && col_ptr.is_contiguous() && col_ptr.scalar_type() == at::kLong && col_ptr.numel() == P.m, "capllm kernel: col_ptr must be (m,) int64 contiguous");
+  const int64_t w = c1 - c0;
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == P.m * w, "capllm kernel: out must be a contiguous float32 (m x (c1 - c0)) tensor");
+  const bool lr = U_in.has_value() && U_in->defined() && U_in->numel() > 0;
+  at::Tensor U, Vt;
+  int64_t Lr = 0;
+  if (lr) {
+    TORCH_CHECK(Vt_in.has_value() && Vt_in->defined(), "capllm kernel: U without Vt");
+    TORCH_CHECK(U_in->dim() == 2 && U_in->size(0) == P.m && Vt_in->dim() == 2 && Vt_in->size(1) == w && Vt_in->size(0) == U_in->size(1),
+                "capllm kernel: U (m, r) and Vt (r, c1 - c0) do not fit");
+    U = U_in->to(at::kFloat).contiguous();
+    Vt = Vt_in->to(at::kFloat).contiguous();
+    Lr = U.size(1);
+  }
+  const float* up = lr ? U.data_ptr<float>() : nullptr;
+  const float* vp = lr ? Vt.data_ptr<float>() : nullptr;
+  P.bm += c0 / 8;
+  P.bs = P.nb;
+  P.nb = (w + 7) / 8;
+  P.n = w;
+  P.rp = col_ptr.data_ptr<int64_t>();
+  P.y = out.data_ptr<float>();
+  const int vt = value_type(values);
+  const int isa = resolve_isa(isa_req);
+  at::parallel_for(0, P.m, std::max<int64_t>(4, 32768 / std::max<int64_t>(w, 1)), [&](int64_t a, int64_t b) {
+    if (isa == SCALAR) {
+      unpack_scalar(P, vt, a, b);
+      if (lr) add_lowrank_rows(P, a, b, up, vp, Lr);
+    } else if (vt == F32) unpack_vector<F32>(P, isa, a, b, up, vp, Lr);
+    else if (vt == BF16) unpack_vector<BF16>(P, isa, a, b, up, vp, Lr);
+    else unpack_vector<F16>(P, isa, a, b, up, vp, Lr);
+  });
+  return out;
+}
+
 at::Tensor bitmask_unpack(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_ptr, int64_t n, int64_t isa_req) {
   const int64_t m = bitmask.size(0);
   return bitmask_unpack_rows(values, bitmask, row_ptr, n, 0, m, at::empty({m, n}, values.options().dtype(at::kFloat)), isa_req, c10::nullopt, c10::nullopt);
@@ -699,6 +746,7 @@ TORCH_LIBRARY(capllm_bitmask, m) {
   m.def("spmv_fused(Tensor x, Tensor values, Tensor bitmask, Tensor row_ptr, Tensor? U, Tensor? V, Tensor? bias, int isa=0) -> Tensor");
   m.def("unpack(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int isa=0) -> Tensor");
   m.def("unpack_rows(Tensor values, Tensor bitmask, Tensor row_ptr, int n, int r0, int r1, Tensor(a!) out, int isa=0, Tensor? U=None, Tensor? Vt=None) -> Tensor(a!)");
+  m.def("unpack_cols(Tensor values, Tensor bitmask, Tensor row_ptr, Tensor col_ptr, int n, int c0, int c1, Tensor(a!) out, int isa=0, Tensor? U=None, Tensor? Vt=None) -> Tensor(a!)");
   m.def("best_isa", &best_isa);
   m.def("parallel_threads", &parallel_threads);
   m.def("flush(Tensor t) -> ()");
@@ -709,5 +757,6 @@ TORCH_LIBRARY_IMPL(capllm_bitmask, CPU, m) {
   m.impl("spmv_fused", &bitmask_spmv_fused);
   m.impl("unpack", &bitmask_unpack);
   m.impl("unpack_rows", &bitmask_unpack_rows);
+  m.impl("unpack_cols", &bitmask_unpack_cols);
   m.impl("flush", &flush_cache);
 }
