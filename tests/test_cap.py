@@ -193,16 +193,17 @@ def test_guard_windows_are_drawn_after_the_calibration_windows():
     assert torch.equal(a, b[:6])  # adding held-out windows leaves the statistics' windows as they were
 
 
-@pytest.mark.parametrize("method", ["cap", "cap-uniform"])
-def test_two_four_structure_keeps_every_group_within_two(method):
+@pytest.mark.parametrize("method,refit", [("cap", "obs"), ("cap-uniform", "obs"), ("cap", "reselect")])
+def test_two_four_structure_keeps_every_group_within_two(method, refit):
     """--structure 2:4: every compressed matrix's sparse part has at most 2 non-zeros in each group of
-    4 consecutive inputs, through the selection, the guard's alternatives and the OBS refit, and
-    the budget is met as without a structure (fails if the pool is not restricted)."""
+    4 consecutive inputs, through the selection, the guard's alternatives and the OBS refit (also
+    when the refit re-chooses each group's survivors), and the budget is met as without a structure
+    (fails if the pool is not restricted)."""
     from capllm.methods.base import Structure
 
     model = tiny_model("llama", seed=3)
     ctx = _ctx_held(model, n=4)
-    opts = {"steps": "0", "rpca_max_iter": "60", "rpca_tol": "1e-5", "tune_epochs": "0"}
+    opts = {"steps": "0", "rpca_max_iter": "60", "rpca_tol": "1e-5", "tune_epochs": "0", "refit": refit}
     get_method(method)(0.5, Structure.parse("2:4"), opts).compress_model(ctx)
     b = ctx.extra["budget"]
     assert b["achieved"] <= b["target"] and b["target"] - b["achieved"] < max(m + n for m, n in (h.shape for h in ctx.linears))
@@ -235,7 +236,4 @@ def test_nm_candidates_against_a_direct_loop():
                 want[i, j] = True
     assert torch.equal(got, want)
     assert got[0, 4:8].tolist() == [True, True, False, False]
-    from capllm.methods.base import Structure
 
-    with pytest.raises(Exception, match="reselect"):
-        get_method("cap")(0.5, Structure.parse("2:4"), {"refit": "reselect"})

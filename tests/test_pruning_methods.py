@@ -118,3 +118,27 @@ def test_sparsegpt_direct_helper_is_not_trivial():
     W, X = _layer(m=8, n=16, tokens=100)
     Wd, keep = _sparsegpt_direct(W, X, 0.5, 8, 0.01)
     assert not torch.allclose(Wd[keep], W.double()[keep])
+
+
+def test_nm_reselect_keeps_each_groups_count_and_with_full_counts_is_the_nm_prune():
+    """``sparsegpt_prune(reselect=True)`` with a 2:4 structure: every row keeps exactly ``keep_mask``'s
+    count in each group of 4 (2, 1 or 0), chosen by the solver; with 2 everywhere it is SparseGPT's
+    own 2:4 prune, weights and mask alike."""
+    from capllm.solvers.obs import sparsegpt_prune
+
+    g = torch.Generator().manual_seed(3)
+    m, n = 16, 64
+    W = torch.randn(m, n, generator=g)
+    X = torch.randn(256, n, generator=g)
+    H = X.t() @ X / 256
+    st = Structure.parse("2:4")
+    ref_W, ref_keep, _ = sparsegpt_prune(W, H, 0.5, structure=st, blocksize=32)
+    full = torch.zeros(m, n, dtype=torch.bool)
+    full[:, ::2] = True  # 2 of every 4, anywhere: only the counts matter
+    got_W, got_keep, _ = sparsegpt_prune(W, H, 0.0, structure=st, blocksize=32, keep_mask=full, reselect=True)
+    assert torch.equal(got_keep, ref_keep) and torch.allclose(got_W, ref_W, atol=1e-6)
+    counts = torch.randint(0, 3, (m, n // 4), generator=g)
+    mask = (torch.arange(4).view(1, 1, 4) < counts.unsqueeze(-1)).reshape(m, n)
+    got_W, got_keep, _ = sparsegpt_prune(W, H, 0.0, structure=st, blocksize=32, keep_mask=mask, reselect=True)
+    assert torch.equal(got_keep.reshape(m, -1, 4).sum(-1), counts)
+    assert torch.equal(got_W != 0, got_keep)

@@ -17,12 +17,15 @@ the OBS pass choose which entries of the residual survive, by SparseGPT's
 ``w²/[Hinv]_jj²`` on the weights as the earlier columns' updates left them. The allocation's
 scores are computed once, from Stage 1's sparse part before anything is removed; the OBS
 choice sees the error that the earlier removals of the same matrix have already moved into each
-weight (Frantar & Alistarh 2023, sec. 3.3: adaptive mask selection).
+weight (Frantar & Alistarh 2023, sec. 3.3: adaptive mask selection). With an N:M structure the
+counts are kept per row and group of M columns (so the result stays N:M) and the OBS pass chooses
+each group's survivors when it reaches the group, as SparseGPT's N:M prune does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -52,9 +55,11 @@ class Decision:
 
 
 class _RefitCompressor:
-    def __init__(self, n_in: int, device, decision: Decision, blocksize: int, percdamp: float, iters: int = 0, reselect: bool = False) -> None:
+    def __init__(self, n_in: int, device, decision: Decision, blocksize: int, percdamp: float, iters: int = 0, reselect: bool = False,
+                 structure: tuple[int, int] | None = None) -> None:
         self.stats = InputStats(n_in, device, sq=False, gram=True)
         self.d, self.blocksize, self.percdamp, self.iters, self.reselect = decision, blocksize, percdamp, iters, reselect
+        self.structure = SimpleNamespace(n=structure[0], m=structure[1]) if structure is not None and reselect else None
 
     def add_batch(self, inp, out) -> None:
         self.stats.add_batch(inp)
@@ -68,7 +73,7 @@ class _RefitCompressor:
         S, mask, info = None, d.mask, {"refit": "reselect" if self.reselect else "obs"}
         if bool(d.mask.any()):
             S, keep, _ = sparsegpt_prune(R, self.stats.gram, 0.0, blocksize=self.blocksize, percdamp=self.percdamp, keep_mask=d.mask,
-                                         reselect=self.reselect)
+                                         reselect=self.reselect, structure=self.structure)
             S, mask = S * keep, keep.to(d.mask.device)  # keep is d.mask unless reselect moved it
             if self.reselect:
                 info["support_moved"] = float((mask & ~d.mask).sum()) / float(d.mask.sum())
@@ -96,24 +101,26 @@ class _RefitPass:
     needs_calibration = True
 
     def __init__(self, decide: Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0, tune=None,
-                 reselect: bool = False) -> None:
+                 reselect: bool = False, structure: tuple[int, int] | None = None) -> None:
         self.decide, self.blocksize, self.percdamp, self.iters, self.reselect = decide, blocksize, percdamp, iters, reselect
+        self.structure = structure
         self.block_tune = tune  # the engine trains each refitted block on its output (capllm.engine.block_tune)
 
     def layer_compressor(self, handle):
         return _RefitCompressor(handle.shape[1], handle.module.weight.device, self.decide(handle.name), self.blocksize, self.percdamp, self.iters,
-                                self.reselect)
+                                self.reselect, self.structure)
 
 
 def refit_layerwise(ctx, decisions: dict[str, Decision] | Callable[[str], Decision], blocksize: int = 128, percdamp: float = 0.01, iters: int = 0,
-                    tune=None, reselect: bool = False) -> None:
+                    tune=None, reselect: bool = False, structure: tuple[int, int] | None = None) -> None:
     """Apply ``decisions`` (a dict, or a function of the linear's name) to ``ctx.model`` block by
     block with OBS-refitted sparse values (and ``iters`` CG steps towards the exact optimum on
     the support; with ``tune`` a :class:`~capllm.engine.block_tune.BlockTune`, each block's
     kept values are then trained on its output; with ``reselect`` the OBS pass re-chooses the
-    entries at the decisions' per-column-block counts); resumable through the run's work directory.
+    entries at the decisions' per-column-block counts, or with an N:M ``structure (n, m)`` at their
+    counts per row and group of ``m`` columns); resumable through the run's work directory.
 
     The model's linear weights must hold the original dense ``W`` when this is called.
     """
     decide = decisions.__getitem__ if isinstance(decisions, dict) else decisions
-    run_layerwise(ctx, _RefitPass(decide, blocksize, percdamp, iters, tune, reselect), checkpoint=ctx.checkpoint("cap-refit"), desc="CAP refit: blocks")
+    run_layerwise(ctx, _RefitPass(decide, blocksize, percdamp, iters, tune, reselect, structure), checkpoint=ctx.checkpoint("cap-refit"), desc="CAP refit: blocks")

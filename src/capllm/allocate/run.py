@@ -453,7 +453,7 @@ class CapRun:
         ctx = self.ctx
         with ctx.timer.stage("refit" if refit != "none" else "apply"):
             if refit in ("obs", "reselect"):
-                refit_layerwise(ctx, self.decision, iters=iters, tune=tune, reselect=refit == "reselect")
+                refit_layerwise(ctx, self.decision, iters=iters, tune=tune, reselect=refit == "reselect", structure=self.structure)
                 return
             if tune is not None and tune.active:  # the default tuning; an explicit one is refused with refit=none
                 ctx.extra["block_tune"] = {"skipped": "refit=none: no layer-wise pass to tune in"}

@@ -67,7 +67,8 @@ restricted to the ``N`` entries of each group that CAP's K-FAC key ranks first (
 orders entries by ``S_ij² E[x_j²]``; :func:`~capllm.allocate.pools.nm_candidates`), so every
 selection — global, guarded, uniform — and the support-preserving OBS refit and block tuning stay
 ``N:M``; the allocation then chooses how many of those entries each matrix gives up for singular
-directions (a group may keep fewer than ``N``). ``refit=reselect`` is refused with a structure.
+directions (a group may keep fewer than ``N``). With ``refit=reselect`` the OBS pass keeps each
+group's count but chooses its survivors itself, as SparseGPT's N:M prune does.
 
 Also here, the paper's two ablations on the same pools:
 
@@ -167,8 +168,6 @@ def _nm(structure) -> tuple[int, int] | None:
 
 
 def _check_options(o, given: frozenset = frozenset(), structure=None) -> None:
-    if structure is not None and getattr(o, "refit", "none") == "reselect":
-        raise CapllmError(f"cap option refit=reselect re-chooses the entries per column block, which breaks the {structure} pattern: use refit=obs")
     if getattr(o, "score", "magnitude") not in ("fisher", "activation", "magnitude", "constant"):
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
     if getattr(o, "refit_iters", 0) < 0 or (getattr(o, "refit_iters", 0) > 0 and getattr(o, "refit", "none") == "none"):

@@ -72,10 +72,15 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structu
     With ``reselect`` the mask fixes only *how many* entries each block of ``blocksize`` columns
     keeps; which ones is chosen as in the unstructured prune, by ``w²/[Hinv]_jj²`` on the weights
     as the updates of the earlier blocks left them (CAP's ``refit=reselect``). The kept count of
-    the matrix, and of each column block, is that of ``keep_mask``.
+    the matrix, and of each column block, is that of ``keep_mask``. With ``reselect`` and an N:M
+    ``structure`` the count is fixed per row and group of ``m`` columns instead (each ``≤ n`` when
+    ``keep_mask`` is N:M), and the group's survivors are chosen when the group is reached, as in
+    the N:M prune — so the result is N:M with ``keep_mask``'s count in every group.
     """
-    if reselect and (keep_mask is None or structure is not None):
-        raise CapllmError("sparsegpt_prune: reselect needs a keep_mask (the counts to keep) and no N:M structure")
+    if reselect and keep_mask is None:
+        raise CapllmError("sparsegpt_prune: reselect needs a keep_mask (the counts to keep)")
+    if reselect and structure is not None and (blocksize % structure.m or weight.shape[1] % structure.m):
+        raise CapllmError(f"sparsegpt_prune: N:M reselect needs the block size and the {weight.shape[1]} inputs to be multiples of M={structure.m}")
     W = weight.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     m, n = W.shape
     L, dead, attempt = damped_cholesky(H, percdamp)
@@ -94,7 +99,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structu
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
         if keep_mask is not None and not reselect:
             prune1 = ~keep_mask[:, i1:i2].to(W.device)
-        elif structure is None:
+        elif structure is None:  # (with reselect and a structure, the groups choose below)
             score = (W1**2 / d1.unsqueeze(0) ** 2).reshape(-1)
             k = int((~keep_mask[:, i1:i2]).sum()) if reselect else int(score.numel() * ratio)
             if k:
@@ -102,9 +107,15 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float, structu
         for i in range(count):
             w = W1[:, i]
             d = Hinv1[i, i]
-            if keep_mask is None and structure is not None and i % structure.m == 0:
+            if structure is not None and i % structure.m == 0 and (keep_mask is None or reselect):
                 g = W1[:, i : i + structure.m] ** 2 / d1[i : i + structure.m].unsqueeze(0) ** 2
-                prune1.scatter_(1, i + torch.topk(g, structure.m - structure.n, dim=1, largest=False).indices, True)
+                if keep_mask is None:
+                    prune1.scatter_(1, i + torch.topk(g, structure.m - structure.n, dim=1, largest=False).indices, True)
+                else:  # each row keeps its count of this group: the best by saliency, ties to the earlier column
+                    k = keep_mask[:, i1 + i : i1 + i + structure.m].sum(1, keepdim=True).to(W.device)
+                    order = torch.sort(g, dim=1, descending=True, stable=True).indices
+                    place = torch.empty_like(order).scatter_(1, order, torch.arange(structure.m, device=W.device).expand_as(order).contiguous())
+                    prune1[:, i : i + structure.m] = place >= k
             q = w.clone()
             q[prune1[:, i]] = 0
             Q1[:, i] = q
