@@ -26,7 +26,7 @@ def _run(args, capsys):
         (["compress", "--model", "./does/not/exist", "--no-eval"], "does not exist"),
         (["eval", "--model", "./does/not/exist"], "does not exist"),
         (["compress", "--method", "wanda", "--structure", "2:4", "--ratio", "0.3"], "pass --ratio 0.5"),
-        (["compress", "--structure", "2:4"], "does not support N:M"),
+        (["compress", "--method", "svd", "--structure", "2:4"], "does not support N:M"),
         (["compress", "--method", "wanda", "--structure", "banana"], "not N:M"),
         (["compress", "--method", "sparsegpt", "--option", "nosuch=1"], "has no option 'nosuch'"),
         (["download", "nope"], "unknown asset"),
