@@ -237,3 +237,13 @@ def test_nm_candidates_against_a_direct_loop():
     assert torch.equal(got, want)
     assert got[0, 4:8].tolist() == [True, True, False, False]
 
+
+
+def test_with_a_structure_the_refit_reselects_unless_told_otherwise():
+    from capllm.methods.base import Structure
+
+    st = Structure.parse("2:4")
+    assert get_method("cap")(0.5, st, {}).options.refit == "reselect"
+    assert get_method("cap-uniform")(0.5, st, {}).options.refit == "reselect"
+    assert get_method("cap")(0.5, st, {"refit": "obs"}).options.refit == "obs"
+    assert get_method("cap")(0.5, None, {}).options.refit == "obs"
