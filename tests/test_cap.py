@@ -247,3 +247,18 @@ def test_with_a_structure_the_refit_reselects_unless_told_otherwise():
     assert get_method("cap-uniform")(0.5, st, {}).options.refit == "reselect"
     assert get_method("cap")(0.5, st, {"refit": "obs"}).options.refit == "obs"
     assert get_method("cap")(0.5, None, {}).options.refit == "obs"
+
+
+def test_reselect_with_a_structure_refuses_widths_it_cannot_tile_before_any_work():
+    from capllm.errors import CapllmError
+    from capllm.methods.base import Structure
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    cfg = tiny_config("llama", 128)
+    cfg.intermediate_size = 30  # down_proj takes 30 inputs: not a multiple of 4
+    ctx = _ctx(AutoModelForCausalLM.from_config(cfg))
+    with pytest.raises(CapllmError, match="down_proj has 30"):
+        get_method("cap")(0.5, Structure.parse("2:4"), {"steps": "0"}).compress_model(ctx)

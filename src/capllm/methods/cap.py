@@ -175,11 +175,20 @@ def _structured_defaults(o, given: frozenset, structure):
     return replace(o, refit="reselect")
 
 
-def _nm(structure) -> tuple[int, int] | None:
-    return None if structure is None else (structure.n, structure.m)
+def _nm(ctx, o, structure) -> tuple[int, int] | None:
+    """``(N, M)`` for :class:`CapRun`; refuses, before any work, a model whose inputs the per-group
+    refit cannot tile (``refit=reselect`` needs every decoder linear's input width divisible by M)."""
+    if structure is None:
+        return None
+    if o.refit == "reselect":
+        bad = next((h for h in ctx.linears if h.shape[1] % structure.m), None)
+        if bad is not None:
+            raise CapllmError(f"{structure} with refit=reselect needs every input width divisible by {structure.m}, but {bad.name} has "
+                              f"{bad.shape[1]}: pass --option refit=obs")
+    return structure.n, structure.m
 
 
-def _check_options(o, given: frozenset = frozenset(), structure=None) -> None:
+def _check_options(o, given: frozenset = frozenset()) -> None:
     if getattr(o, "score", "magnitude") not in ("fisher", "activation", "magnitude", "constant"):
         raise CapllmError(f"cap option score={o.score!r}: use fisher, activation, magnitude or constant")
     if getattr(o, "refit_iters", 0) < 0 or (getattr(o, "refit_iters", 0) > 0 and getattr(o, "refit", "none") == "none"):
@@ -289,7 +298,7 @@ class Cap(Method):
         super().__init__(ratio, None, options)  # any ratio with N:M: the pool caps the sparse part, directions fill the rest
         self.structure = structure
         self.options = _structured_defaults(self.options, self.given_options, structure)
-        _check_options(self.options, self.given_options, structure)  # a wrong option fails before any work is done
+        _check_options(self.options, self.given_options)  # a wrong option fails before any work is done
 
     def compress_model(self, ctx) -> None:
         o = self.options
@@ -298,7 +307,7 @@ class Cap(Method):
         if ctx.dist.enabled and o.steps > 0:
             raise CapllmError("cap's REINFORCE policy (steps > 0) runs in one process: run it without torchrun")
         with open_store(ctx) as store:
-            run = CapRun(ctx, o, store, _nm(self.structure))
+            run = CapRun(ctx, o, store, _nm(ctx, o, self.structure))
             run.stage1()
             run.fisher()
             run.scores(o.score, _normalize(o))
@@ -403,12 +412,12 @@ class CapUniform(Method):
         super().__init__(ratio, None, options)  # any ratio with N:M: the pool caps the sparse part, directions fill the rest
         self.structure = structure
         self.options = _structured_defaults(self.options, self.given_options, structure)
-        _check_options(self.options, self.given_options, structure)  # a wrong option fails before any work is done
+        _check_options(self.options, self.given_options)  # a wrong option fails before any work is done
 
     def compress_model(self, ctx) -> None:
         o = self.options
         with open_store(ctx) as store:
-            run = CapRun(ctx, o, store, _nm(self.structure))
+            run = CapRun(ctx, o, store, _nm(ctx, o, self.structure))
             run.stage1()
             run.fisher()
             run.scores(o.score, _normalize(o))
