@@ -495,6 +495,10 @@ _REMOTE = textwrap.dedent("""
     used = sum(getattr(x, "_packed", None) is not None for x in m.modules())
     cached = sum(getattr(x, "_S_cache", None) is not None for x in m.modules())
     layouts = [x.capllm_decision["layout"] for x in m.modules() if getattr(x, "capllm_decision", None) is not None]
+    if sys.argv[3] == "planted":
+        import capllm
+        summary = capllm.describe_execution(m)["summary"]
+        assert summary == {"bitmask": 7, "dense": 7}, summary
     print(json.dumps({"logits": torch.cat(logits, 1).tolist(), "kernel_modules": used, "dense_cached": cached,
                       "layouts": layouts, "isas": sorted(set(isas)), "matmul_calls": len(isas)}))
 """)

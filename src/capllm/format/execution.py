@@ -286,6 +286,7 @@ def describe_execution(model: nn.Module) -> dict[str, Any]:
                 row["kernel_max_tokens"] = mod.kernel_max_tokens
                 row["kernel_isa"] = mod.kernel_isa
             rows.append(row)
-        elif getattr(mod, "capllm_decision", None) is not None:
-            rows.append({"name": name, "path": "dense", "rank": 0, **mod.capllm_decision})
+        elif getattr(mod, "capllm_decision", None) is not None:  # a plain module the dense fallback restored, or the remote-code class's layer
+            U = getattr(mod, "U", None)
+            rows.append({"name": name, "path": mod.capllm_decision.get("layout", "dense"), "rank": 0 if U is None else U.shape[1], **mod.capllm_decision})
     return {"modules": rows, "summary": dict(Counter(r["path"] for r in rows))}
