@@ -26,6 +26,12 @@ def defaults(method: str) -> dict:
     return {f.name: f.default for f in fields(opts)} if opts is not None else {}
 
 
+def get_options(method: str):
+    from capllm.methods.base import get_method
+
+    return get_method(method).Options()
+
+
 def protocol(r: dict) -> tuple:
     p, c = r.get("perplexity") or {}, r.get("calibration") or {}
     return (r["model"]["name"], r.get("ratio"), p.get("dataset"), p.get("split"), p.get("seqlen"), p.get("windows"),
@@ -41,6 +47,10 @@ def changed(r: dict) -> str:
         base = defaults(r["method"])
     except Exception:  # a method this checkout does not know
         base = {}
+    if r.get("structure") and r["method"] in ("cap", "cap-uniform") and "refit" in base:  # the refit CAP defaults to with N:M
+        from capllm.methods.cap import _structured_defaults
+
+        base["refit"] = _structured_defaults(get_options(r["method"]), frozenset(), r["structure"]).refit
     opts = dict(r.get("method_options") or {})
     for k, v in BEFORE_THE_OPTION.items():  # a cell from before the option existed ran as its old behaviour
         if k in base and k not in opts:
