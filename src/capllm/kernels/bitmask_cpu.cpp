@@ -628,6 +628,36 @@ void add_lowrank_rows(const Problem& P, int64_t i0, int64_t i1, const float* U, 
   }
 }
 
+// Rows [r0, r1) of P's unpack (P.y, P.n, P.rp and the mask rows already set by the caller), with
+// U Vtᵀ added when U (m, r) and Vt (r, P.n) are given: the vector paths fuse it into the store, the
+// scalar path adds it after. Shared by unpack_rows and unpack_cols.
+void unpack_range(const Problem& P, const at::Tensor& values, int64_t r0, int64_t r1, int64_t isa_req,
+                  const c10::optional<at::Tensor>& U_in, const c10::optional<at::Tensor>& Vt_in) {
+  const bool lr = U_in.has_value() && U_in->defined() && U_in->numel() > 0;
+  at::Tensor U, Vt;
+  int64_t Lr = 0;
+  if (lr) {
+    TORCH_CHECK(Vt_in.has_value() && Vt_in->defined(), "capllm kernel: U without Vt");
+    TORCH_CHECK(U_in->dim() == 2 && U_in->size(0) == P.m && Vt_in->dim() == 2 && Vt_in->size(1) == P.n && Vt_in->size(0) == U_in->size(1),
+                "capllm kernel: U (m, r) and Vt (r, width) do not fit");
+    U = U_in->to(at::kFloat).contiguous();
+    Vt = Vt_in->to(at::kFloat).contiguous();
+    Lr = U.size(1);
+  }
+  const float* up = lr ? U.data_ptr<float>() : nullptr;
+  const float* vp = lr ? Vt.data_ptr<float>() : nullptr;
+  const int vt = value_type(values);
+  const int isa = resolve_isa(isa_req);
+  at::parallel_for(r0, r1, std::max<int64_t>(4, 32768 / std::max<int64_t>(P.n, 1)), [&](int64_t a, int64_t b) {  // ~32k entries, >= one 4-row block per task
+    if (isa == SCALAR) {
+      unpack_scalar(P, vt, a, b);
+      if (lr) add_lowrank_rows(P, a, b, up, vp, Lr);
+    } else if (vt == F32) unpack_vector<F32>(P, isa, a, b, up, vp, Lr);
+    else if (vt == BF16) unpack_vector<BF16>(P, isa, a, b, up, vp, Lr);
+    else unpack_vector<F16>(P, isa, a, b, up, vp, Lr);
+  });
+}
+
 // Rows [r0, r1) of S (+ U Vᵀ when U (m, r) and Vt (r, n) are given), dense fp32, into `out`
 // ((r1 - r0) x n, contiguous): the prefill path unpacks a few MB at a time into one reused buffer,
 // so no call allocates (or page-faults) a whole dense matrix, and the low-rank part rides along.
@@ -636,30 +666,8 @@ at::Tensor bitmask_unpack_rows(const at::Tensor& values, const at::Tensor& bitma
   Problem P = make_problem(values, bitmask, row_ptr, n);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= P.m, "capllm kernel: rows [", r0, ", ", r1, ") outside 0..", P.m);
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == (r1 - r0) * n, "capllm kernel: out must be a contiguous float32 ((r1 - r0) x n) tensor");
-  const bool lr = U_in.has_value() && U_in->defined() && U_in->numel() > 0;
-  at::Tensor U, Vt;
-  int64_t Lr = 0;
-  if (lr) {
-    TORCH_CHECK(Vt_in.has_value() && Vt_in->defined(), "capllm kernel: U without Vt");
-    TORCH_CHECK(U_in->dim() == 2 && U_in->size(0) == P.m && Vt_in->dim() == 2 && Vt_in->size(1) == n && Vt_in->size(0) == U_in->size(1),
-                "capllm kernel: U (m, r) and Vt (r, n) do not fit");
-    U = U_in->to(at::kFloat).contiguous();
-    Vt = Vt_in->to(at::kFloat).contiguous();
-    Lr = U.size(1);
-  }
-  const float* up = lr ? U.data_ptr<float>() : nullptr;
-  const float* vp = lr ? Vt.data_ptr<float>() : nullptr;
   P.y = out.data_ptr<float>() - r0 * n;  // row i lands at out[(i - r0) * n]
-  const int vt = value_type(values);
-  const int isa = resolve_isa(isa_req);
-  at::parallel_for(r0, r1, std::max<int64_t>(4, 32768 / std::max<int64_t>(n, 1)), [&](int64_t a, int64_t b) {  // ~32k entries, >= one 4-row block per task
-    if (isa == SCALAR) {
-      unpack_scalar(P, vt, a, b);
-      if (lr) add_lowrank_rows(P, a, b, up, vp, Lr);
-    } else if (vt == F32) unpack_vector<F32>(P, isa, a, b, up, vp, Lr);
-    else if (vt == BF16) unpack_vector<BF16>(P, isa, a, b, up, vp, Lr);
-    else unpack_vector<F16>(P, isa, a, b, up, vp, Lr);
-  });
+  unpack_range(P, values, r0, r1, isa_req, U_in, Vt_in);
   return out;
 }
 
@@ -676,35 +684,13 @@ at::Tensor bitmask_unpack_cols(const at::Tensor& values, const at::Tensor& bitma
   TORCH_CHECK(col_ptr.dim() == 1 && col_ptr.is_contiguous() && col_ptr.scalar_type() == at::kLong && col_ptr.numel() == P.m, "capllm kernel: col_ptr must be (m,) int64 contiguous");
   const int64_t w = c1 - c0;
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == P.m * w, "capllm kernel: out must be a contiguous float32 (m x (c1 - c0)) tensor");
-  const bool lr = U_in.has_value() && U_in->defined() && U_in->numel() > 0;
-  at::Tensor U, Vt;
-  int64_t Lr = 0;
-  if (lr) {
-    TORCH_CHECK(Vt_in.has_value() && Vt_in->defined(), "capllm kernel: U without Vt");
-    TORCH_CHECK(U_in->dim() == 2 && U_in->size(0) == P.m && Vt_in->dim() == 2 && Vt_in->size(1) == w && Vt_in->size(0) == U_in->size(1),
-                "capllm kernel: U (m, r) and Vt (r, c1 - c0) do not fit");
-    U = U_in->to(at::kFloat).contiguous();
-    Vt = Vt_in->to(at::kFloat).contiguous();
-    Lr = U.size(1);
-  }
-  const float* up = lr ? U.data_ptr<float>() : nullptr;
-  const float* vp = lr ? Vt.data_ptr<float>() : nullptr;
   P.bm += c0 / 8;
   P.bs = P.nb;
   P.nb = (w + 7) / 8;
   P.n = w;
   P.rp = col_ptr.data_ptr<int64_t>();
   P.y = out.data_ptr<float>();
-  const int vt = value_type(values);
-  const int isa = resolve_isa(isa_req);
-  at::parallel_for(0, P.m, std::max<int64_t>(4, 32768 / std::max<int64_t>(w, 1)), [&](int64_t a, int64_t b) {
-    if (isa == SCALAR) {
-      unpack_scalar(P, vt, a, b);
-      if (lr) add_lowrank_rows(P, a, b, up, vp, Lr);
-    } else if (vt == F32) unpack_vector<F32>(P, isa, a, b, up, vp, Lr);
-    else if (vt == BF16) unpack_vector<BF16>(P, isa, a, b, up, vp, Lr);
-    else unpack_vector<F16>(P, isa, a, b, up, vp, Lr);
-  });
+  unpack_range(P, values, 0, P.m, isa_req, U_in, Vt_in);
   return out;
 }
 
