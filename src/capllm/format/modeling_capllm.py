@@ -28,7 +28,7 @@ execution policy (``capllm.format.execution.choose_layout``, the measurement ``c
 makes, cached per shape) what to run: the kernel up to ``kernel_max_tokens`` tokens (decode, the
 whole layer ``U'(V'ᵀx) + S x + b`` in one call, on the vector path the probe found faster —
 ``kernel_isa``), and for longer inputs (prefill) the dense GEMM on ``S + U'V'ᵀ`` unpacked a block
-of rows at a time — no dense copy is kept; or dense, when the probe finds the kernel slower. The
+of rows (of columns, for a wide matrix) at a time — no dense copy is kept; or dense, when the probe finds the kernel slower. The
 choice is kept in ``capllm_decision``. With an older capllm that has no such policy the kernel
 runs up to ``KERNEL_MAX_TOKENS`` tokens on its default path. Without capllm (or without a
 kernel) ``S`` is unpacked to a dense matrix on the first forward and cached (not saved).
