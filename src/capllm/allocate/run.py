@@ -433,13 +433,14 @@ class CapRun:
         store.finish_stage("guard", info)
         return info
 
-    def _apply_alternative(self, alt: str, budget: int) -> dict:
+    def _apply_alternative(self, alt: str, budget: int, stage: str = "guard-applied") -> dict:
+        """Make the candidate mask set ``keep-<alt>`` the mask (recorded as stage ``stage``)."""
         self._segs = self.segments()
         rows, store_keep = self.keep_writer()
         for k, h in enumerate(self.ctx.linears):
             store_keep(k, self.store.keep(h.name, kind=f"keep-{alt}"))
-        out = self._finish_select({"guard": f"{alt} allocation chosen"}, rows, budget)
-        self.store.finish_stage("guard-applied", out)
+        out = self._finish_select({"guard" if stage == "guard-applied" else alt: f"{alt} allocation chosen"}, rows, budget)
+        self.store.finish_stage(stage, out)
         return out
 
     # --- apply --------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ from capllm.allocate.policy import PolicyConfig, run_policy
 from capllm.allocate.pools import CandidatePools, MatrixPool
 from capllm.allocate.run import CapRun, mix_alpha, open_store
 from capllm.allocate.scores import initial_probabilities
+from capllm.allocate.search import SearchConfig, search_budgets
 from capllm.allocate.stage1 import Stage1Options
 from capllm.engine.block_tune import BlockTuneOptions
 from capllm.errors import CapllmError
@@ -146,6 +147,13 @@ class CapOptions(Stage1Options, BlockTuneOptions):
     # our addition: rescale each block's scores by the loss they predict vs the loss measured on
     # the held-out windows (CapRun.calibrate); none = the scores as they are
     calibrate: str = "none"  # none | block
+    # our addition (issue 13, idea 2): a (1 + 1) search over per-block budget offsets around the
+    # chosen allocation, scored by the loss of the masked model on search_windows calibration
+    # windows, applied only if it lowers the guard's held-out loss (capllm.allocate.search);
+    # search = the number of offspring scored (0 = off)
+    search: int = 0
+    search_step: float = 0.02  # parameters moved per mutation, as a fraction of a block's
+    search_windows: int = 4
     # our addition: block tuning after each block's refit (capllm.engine.block_tune); on by default
     # (measured: BENCHMARKS.md, CAP quality: SmolLM2-135M at 50 % 49.79 → 46.04 with 5 epochs at
     # a step ≈ 1.5e-3, → 43.59 with 10 at 3e-3); skipped with a notice when the run has fewer than
@@ -216,7 +224,10 @@ def _check_options(o, given: frozenset = frozenset()) -> None:
         raise CapllmError("cap options scope=block and a finite spread do not combine: choose one")
     if getattr(o, "calibrate", "none") not in ("none", "block"):
         raise CapllmError(f"cap option calibrate={o.calibrate!r}: use none or block")
-    if (getattr(o, "guard", "none") != "none" or getattr(o, "calibrate", "none") != "none") and getattr(o, "guard_windows", 1) < 1:
+    if getattr(o, "search", 0) < 0 or not 0.0 < getattr(o, "search_step", 0.02) < 1.0 or getattr(o, "search_windows", 1) < 1:
+        raise CapllmError(f"cap options search={o.search}, search_step={o.search_step}, search_windows={o.search_windows}: "
+                          f"need search ≥ 0, 0 < search_step < 1, search_windows ≥ 1")
+    if (getattr(o, "guard", "none") != "none" or getattr(o, "calibrate", "none") != "none" or getattr(o, "search", 0) > 0) and getattr(o, "guard_windows", 1) < 1:
         raise CapllmError(f"cap option guard_windows={o.guard_windows}: must be ≥ 1 with guard={o.guard}")
 
 
@@ -292,7 +303,7 @@ class Cap(Method):
     def held_out_windows(self) -> int:
         """Calibration windows kept out of every statistic, for the allocation guard."""
         o = self.options
-        return o.guard_windows if (o.guard != "none" or o.calibrate != "none") else 0
+        return o.guard_windows if (o.guard != "none" or o.calibrate != "none" or o.search > 0) else 0
 
     def __init__(self, ratio: float, structure=None, options: dict | None = None) -> None:
         super().__init__(ratio, None, options)  # any ratio with N:M: the pool caps the sparse part, directions fill the rest
@@ -325,9 +336,15 @@ class Cap(Method):
                 print(f"capllm: cap: {guard['skipped']}", file=sys.stderr)
             elif o.guard != "none":
                 sel, guard = run.guard(sel, self.ratio, ctx.calibration.held_out, _guard_against(o))
+            search = None
+            if o.search > 0:
+                held_start = guard["losses"][guard["chosen"]] if guard and "losses" in guard else None
+                cfg = SearchConfig(o.search, o.search_step, o.seed)
+                sel, search = search_budgets(run, sel, cfg, ctx.calibration.windows[: o.search_windows], held, held_start)
             run.apply(o.refit, o.refit_iters, self.block_tune)
             ctx.extra.update({"budget": sel["budget"], "pools": sel["pools"], "allocation": sel["allocation"], "policy": policy,
                               **({"selection": sel["selection"]} if sel.get("selection") else {}), **({"guard": guard} if guard else {}),
+                              **({"search": search} if search else {}),
                               **({"calibration": calibration} if calibration else {})})
 
     def _policy(self, ctx, run: CapRun, budget: int, sel: dict):
