@@ -90,7 +90,7 @@ def test_cap_search_moves_budget_to_the_block_the_loss_rewards_and_checks_it_on_
     def block0_mass(ctx, decide):
         return -sum(float(decide(h.name).dense().abs().sum()) for h in ctx.linears if h.block_index == 0)
 
-    monkeypatch.setattr(guard_mod, "masked_loss", lambda ctx, decide, windows: block0_mass(ctx, decide))
+    monkeypatch.setattr(guard_mod, "masked_loss", lambda ctx, decide, windows, **kw: block0_mass(ctx, decide))
     ctx = _ctx_held(tiny_model("llama", seed=6))
     get_method("cap")(0.5, None, {**opts, "search": "12", "search_step": "0.05", "search_windows": "2"}).compress_model(ctx)
     s = ctx.extra["search"]
@@ -103,7 +103,7 @@ def test_cap_search_moves_budget_to_the_block_the_loss_rewards_and_checks_it_on_
     assert sum(after.values()) == b["achieved"] <= b["target"] and b["target"] - b["achieved"] < greedy_slack
     assert s["windows"] == 2 and len(s["curve"]) == 13
 
-    def disagree(ctx, decide, windows):  # the held-out windows (3 in _ctx_held) punish what the search windows (2) reward
+    def disagree(ctx, decide, windows, **kw):  # the held-out windows (3 in _ctx_held) punish what the search windows (2) reward
         return -block0_mass(ctx, decide) if windows.shape[0] == 3 else block0_mass(ctx, decide)
 
     monkeypatch.setattr(guard_mod, "masked_loss", disagree)
@@ -143,3 +143,32 @@ def test_cap_search_with_the_real_loss_reports_the_loss_of_the_mask_it_applies(t
     for bad in ({"search": "-1"}, {"search_step": "0"}, {"search_step": "1.5"}, {"search_windows": "0"}):
         with pytest.raises(CapllmError, match="search"):
             get_method("cap")(0.5, None, bad)
+
+
+def test_each_candidate_scored_from_the_saved_block_inputs_equals_the_whole_forward(tmp_path, monkeypatch):
+    """The search starts each candidate at its first changed block from the best's saved inputs:
+    on a 5-block model every such loss equals the masked model's whole forward, bit for bit,
+    through accepted and rejected candidates alike."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from capllm.allocate import guard as guard_mod
+
+    real = guard_mod.masked_loss
+    checked = []
+
+    def both(ctx, decide, windows, **kw):
+        got = real(ctx, decide, windows, **kw)
+        if kw.get("start"):
+            checked.append((kw["start"], got))
+            assert got == real(ctx, decide, windows), kw["start"]
+        return got
+
+    monkeypatch.setattr(guard_mod, "masked_loss", both)
+    torch.manual_seed(2)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, vocab_size=128)
+    ctx = _ctx_held(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval())
+    get_method("cap")(0.5, None, {**OPTS, "stage1_dir": str(tmp_path / "s1"), "search": "16", "search_step": "0.05",
+                                  "search_windows": "2"}).compress_model(ctx)
+    s = ctx.extra["search"]
+    assert len(checked) >= 8 and len({b for b, _ in checked}) >= 2 and s["accepted"] >= 2

@@ -35,9 +35,10 @@ from capllm.allocate.refit import Decision
 
 
 @torch.no_grad()
-def masked_loss(ctx, decide: Callable[[str], Decision], windows: torch.Tensor, blocks: set[int] | None = None) -> float:
+def masked_loss(ctx, decide: Callable[[str], Decision], windows: torch.Tensor, blocks: set[int] | None = None, **resume) -> float:
     """Mean next-token NLL of ``windows`` with every linear at its decision's ``W̃`` (module docstring);
-    with ``blocks``, only the linears of those decoder blocks (the others keep their weights)."""
+    with ``blocks``, only the linears of those decoder blocks (the others keep their weights).
+    ``resume``: ``start`` / ``start_hidden`` / ``on_block_input`` of :func:`~capllm.eval.perplexity.blockwise_window_nll`."""
     from capllm.eval.perplexity import blockwise_window_nll
 
     by_block: dict[int, list] = {}
@@ -62,7 +63,7 @@ def masked_loss(ctx, decide: Callable[[str], Decision], windows: torch.Tensor, b
     was_training = ctx.model.training
     ctx.model.eval()
     try:
-        sums = blockwise_window_nll(ctx.model, windows, ctx.device, ctx.compute_dtype, around_block=substituted)
+        sums = blockwise_window_nll(ctx.model, windows, ctx.device, ctx.compute_dtype, around_block=substituted, **resume)
     finally:
         ctx.model.train(was_training)
     loss = float(sums.sum()) / (windows.shape[0] * (windows.shape[1] - 1))

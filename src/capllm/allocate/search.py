@@ -25,6 +25,7 @@ keys and masks are in memory at a time, the candidate masks are files of the run
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
 from typing import Callable
 
@@ -135,22 +136,41 @@ def _search(run, cfg: SearchConfig, windows: torch.Tensor, held: torch.Tensor, h
                     store.save_keep(linears[k].name, greedy_fill(run.load_key(k), _costs(segs[k]), share), kind=kind)
 
         changed_now: set[int] = set()
+        cache = store.root / "search-hidden"  # the current best's input to every block, on disk
+        cache.mkdir(parents=True, exist_ok=True)
+        first = {"block": 0}
 
         def kind_of(name: str) -> str:
             return "keep-cand" if run.handles[name].block_index in changed_now else "keep-search"
 
+        def keep_input(tag: str):
+            def save(i: int, hidden: list[torch.Tensor]) -> None:
+                if i > first["block"] or tag == "best":
+                    torch.save(hidden, cache / f"{tag}-{i}.pt")
+            return save
+
         def fitness(delta: list[int], pair: tuple[int, int]) -> float:
+            """Blocks before the first changed one run as for the best: start from its saved input."""
             changed_now.clear()
-            if pair[0] >= 0:
-                write("keep-cand", delta, pair)
-                changed_now.update(blocks[j] for j in pair)
-            return masked_loss(ctx, lambda n: run.decision(n, kind=kind_of(n)), windows)
+            if pair[0] < 0:
+                first["block"] = 0
+                return masked_loss(ctx, lambda n: run.decision(n, kind="keep-search"), windows, on_block_input=keep_input("best"))
+            for f in cache.glob("cand-*.pt"):  # a rejected candidate's inputs
+                f.unlink()
+            write("keep-cand", delta, pair)
+            changed_now.update(blocks[j] for j in pair)
+            first["block"] = i0 = min(changed_now)
+            return masked_loss(ctx, lambda n: run.decision(n, kind=kind_of(n)), windows, start=i0,
+                               start_hidden=torch.load(cache / f"best-{i0}.pt") if i0 else None, on_block_input=keep_input("cand"))
 
         def accept(delta: list[int], pair: tuple[int, int]) -> None:
             write("keep-search", delta, pair)
+            for f in cache.glob("cand-*.pt"):  # the blocks after the first changed one now see the candidate's inputs
+                f.replace(cache / f.name.replace("cand-", "best-"))
 
         best, curve = level_search(block_size, lo, hi, fitness, cfg, on_accept=accept, progress=ctx.progress)
         changed_now.clear()
+        shutil.rmtree(cache, ignore_errors=True)
         moved = any(best)
         held_search = masked_loss(ctx, lambda n: run.decision(n, kind="keep-search"), held) if moved else None
         if held_start is None and moved:

@@ -103,7 +103,7 @@ def choose_mode(model, device: torch.device, mode: str = "auto", compute_dtype: 
 
 @torch.no_grad()
 def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, compute_dtype: torch.dtype, progress: bool = False, desc: str = "perplexity",
-                         around_block=None) -> torch.Tensor:
+                         around_block=None, start: int = 0, start_hidden: list[torch.Tensor] | None = None, on_block_input=None) -> torch.Tensor:
     """Summed next-token NLL (fp64) of each window, running the decoder one block at a time.
 
     Only one block is on ``device`` (cast to ``compute_dtype``) at a time; the hidden states of
@@ -111,7 +111,10 @@ def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, com
     the last block's outputs (:class:`capllm.engine.head.Head`). The same function as the whole
     model's forward, in bounded memory. ``around_block(i, block)``: a context manager entered
     while block ``i`` runs on the device (e.g. to run it with other weights; the evaluator itself
-    knows no method).
+    knows no method). ``start``, ``start_hidden``: begin at block ``start`` from these hidden states
+    (what block ``start`` received in an earlier call whose blocks before it were the same);
+    ``on_block_input(i, hidden)`` is told each block's inputs before it runs (e.g. to keep them
+    for such a later call).
     """
     import contextlib
 
@@ -124,8 +127,14 @@ def blockwise_window_nll(model, windows: torch.Tensor, device: torch.device, com
     cpu = torch.device("cpu")
     place_outside_blocks(model, device)
     captured = capture_block_inputs(model, blocks, windows, device, cpu)
-    hidden = [h.to(compute_dtype) for h in captured.hidden]
+    if start and (start_hidden is None or len(start_hidden) != len(windows)):
+        raise ValueError(f"starting at block {start} needs that block's inputs for all {len(windows)} windows")
+    hidden = [h.to(compute_dtype) for h in (start_hidden if start else captured.hidden)]
     for i, block in enumerate(tqdm(blocks, desc=f"{desc}: blocks", disable=not progress, unit="block")):
+        if i < start:
+            continue
+        if on_block_input is not None:
+            on_block_input(i, hidden)
         keep = stored_dtype(block)
         block_to(block, device, compute_dtype)
         args, kwargs = captured.per_block[i]
