@@ -49,6 +49,11 @@ besides the OBS refit (``refit=obs``, on):
   both (5.00): tuned, 96.99 against the uniform split's 101.67; on SmolLM2-135M mix0.75 (3.757)
   beats the global allocation (3.799) and the uniform one (3.895). Cost: 4 more calibration
   windows, five held-out evaluations;
+* ``search=N`` — a (1 + 1) evolutionary search over per-block budget offsets around the applied
+  allocation (:mod:`capllm.allocate.search`, EvoPress's level switch): ``N`` offspring, each moving
+  ``search_step`` of a block's parameters from one block to another, scored by the masked model's
+  loss on ``search_windows`` calibration windows; the result is applied only if it also lowers the
+  guard's held-out loss. The issue's other route for Stage 2 (a few variables, not 10⁸);
 * ``refit_iters`` — CG steps from the OBS values to the exact least-squares values on the support;
 * ``refit=reselect`` — the OBS pass re-chooses the sparse entries at the allocation's counts per
   column block, by SparseGPT's input-only saliency (measured on Gemma-3-270M at 50 %, untuned:
