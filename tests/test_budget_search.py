@@ -112,6 +112,12 @@ def test_cap_search_moves_budget_to_the_block_the_loss_rewards_and_checks_it_on_
     s = ctx.extra["search"]
     assert s["accepted"] >= 1 and not s["applied"] and s["held_out_search"] > s["held_out_start"]
     assert _kept_by_block(ctx) == start
+    # search_check=none applies it regardless (and still records both held-out losses)
+    ctx = _ctx_held(tiny_model("llama", seed=6))
+    get_method("cap")(0.5, None, {**opts, "search": "12", "search_step": "0.05", "search_windows": "2", "guard_windows": "3",
+                                  "search_check": "none"}).compress_model(ctx)
+    s = ctx.extra["search"]
+    assert s["applied"] and not s["checked"] and s["held_out_search"] > s["held_out_start"] and _kept_by_block(ctx)[0] > start[0]
 
 
 def test_cap_search_with_the_real_loss_reports_the_loss_of_the_mask_it_applies(tmp_path):
@@ -140,7 +146,7 @@ def test_cap_search_with_the_real_loss_reports_the_loss_of_the_mask_it_applies(t
         kind = "keep" if s["applied"] else "keep-search"
         got = masked_loss(ctx, lambda n: run.decision(n, kind=kind), ctx.calibration.windows[:2])
     assert got == pytest.approx(s["fit_best"], rel=1e-6)
-    for bad in ({"search": "-1"}, {"search_step": "0"}, {"search_step": "1.5"}, {"search_windows": "0"}):
+    for bad in ({"search": "-1"}, {"search_step": "0"}, {"search_step": "1.5"}, {"search_windows": "0"}, {"search_check": "yes"}):
         with pytest.raises(CapllmError, match="search"):
             get_method("cap")(0.5, None, bad)
 

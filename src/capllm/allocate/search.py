@@ -41,6 +41,7 @@ class SearchConfig:
     evaluations: int  # offspring scored
     step: float  # Δ as a fraction of the smaller block's parameters
     seed: int = 0
+    check: bool = True  # apply the result only if the held-out loss agrees (False: apply it regardless, to measure the check)
 
 
 def level_search(block_sizes: list[int], lo: list[int], hi: list[int], fitness: Callable[[list[int], tuple[int, int]], float],
@@ -175,10 +176,10 @@ def _search(run, cfg: SearchConfig, windows: torch.Tensor, held: torch.Tensor, h
         held_search = masked_loss(ctx, lambda n: run.decision(n, kind="keep-search"), held) if moved else None
         if held_start is None and moved:
             held_start = masked_loss(ctx, run.decision, held)
-    applied = moved and held_search < held_start
+    applied = moved and (held_search < held_start or not cfg.check)
     info = {"evaluations": cfg.evaluations, "step": cfg.step, "seed": cfg.seed, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
             "fit_start": curve[0]["loss"], "fit_best": min(r["best"] for r in curve), "accepted": sum(1 for r in curve[1:] if r["accepted"]),
-            "held_out_start": held_start, "held_out_search": held_search, "applied": bool(applied),
+            "held_out_start": held_start, "held_out_search": held_search, "checked": cfg.check, "applied": bool(applied),
             "offsets": {str(b): d for b, d in zip(blocks, best) if d},
             "measured_on": "fitness: calibration windows; check: the guard's held-out windows; Stage 1 values before the refit",
             "curve": curve}

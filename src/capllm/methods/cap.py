@@ -159,6 +159,7 @@ class CapOptions(Stage1Options, BlockTuneOptions):
     search: int = 0
     search_step: float = 0.02  # parameters moved per mutation, as a fraction of a block's
     search_windows: int = 4
+    search_check: str = "held_out"  # held_out | none (apply the search's result regardless: to measure the check)
     # our addition: block tuning after each block's refit (capllm.engine.block_tune); on by default
     # (measured: BENCHMARKS.md, CAP quality: SmolLM2-135M at 50 % 49.79 → 46.04 with 5 epochs at
     # a step ≈ 1.5e-3, → 43.59 with 10 at 3e-3); skipped with a notice when the run has fewer than
@@ -232,6 +233,8 @@ def _check_options(o, given: frozenset = frozenset()) -> None:
     if getattr(o, "search", 0) < 0 or not 0.0 < getattr(o, "search_step", 0.02) < 1.0 or getattr(o, "search_windows", 1) < 1:
         raise CapllmError(f"cap options search={o.search}, search_step={o.search_step}, search_windows={o.search_windows}: "
                           f"need search ≥ 0, 0 < search_step < 1, search_windows ≥ 1")
+    if getattr(o, "search_check", "held_out") not in ("held_out", "none"):
+        raise CapllmError(f"cap option search_check={o.search_check!r}: use held_out or none")
     if (getattr(o, "guard", "none") != "none" or getattr(o, "calibrate", "none") != "none" or getattr(o, "search", 0) > 0) and getattr(o, "guard_windows", 1) < 1:
         raise CapllmError(f"cap option guard_windows={o.guard_windows}: must be ≥ 1 with guard={o.guard}")
 
@@ -344,7 +347,7 @@ class Cap(Method):
             search = None
             if o.search > 0:
                 held_start = guard["losses"][guard["chosen"]] if guard and "losses" in guard else None
-                cfg = SearchConfig(o.search, o.search_step, o.seed)
+                cfg = SearchConfig(o.search, o.search_step, o.seed, check=o.search_check == "held_out")
                 sel, search = search_budgets(run, sel, cfg, ctx.calibration.windows[: o.search_windows], held, held_start)
             run.apply(o.refit, o.refit_iters, self.block_tune)
             ctx.extra.update({"budget": sel["budget"], "pools": sel["pools"], "allocation": sel["allocation"], "policy": policy,
