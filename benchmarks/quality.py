@@ -139,7 +139,8 @@ def main() -> None:
                      "protocol": dict(zip(("model", "ratio", "dataset", "split", "seqlen", "windows", "calib", "nsamples", "calib_seqlen", "seed", "structure"), protocol(r)))})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality.json").write_text(json.dumps(rows, indent=1))
-    lines = [f"| model | method | ratio | options | perplexity | ÷ {a.reference} | compress s | low-rank share | allocation safety | refit / block tuning |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model | method | ratio | calibration | options | perplexity | ÷ {a.reference} | compress s | low-rank share | allocation safety | refit / block tuning |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         vs, lr, t = x[f"vs_{a.reference}"], x["lowrank_share"], x["compress_s"]
         vs_s = "" if vs is None else f"{vs:.3f}"
@@ -147,7 +148,9 @@ def main() -> None:
         lr_s = "" if lr is None else f"{100 * lr:.2f} %"
         ppl_s = "–" if x["perplexity"] is None else f"{x['perplexity']:.2f}"
         ratio = f"{x['ratio']} ({x['structure']})" if x["structure"] else f"{x['ratio']}"
-        lines.append(f"| {x['model']} | {x['method']} | {ratio} | {x['options']} | {ppl_s} | {vs_s} | {t_s} | {lr_s} | {x['safety']} | {'; '.join(t for t in (x['refit'], x['tuning']) if t)} |")
+        p = x["protocol"]
+        calib = f"{p['calib']} {p['nsamples']} × {p['calib_seqlen']}" if p.get("nsamples") else "–"
+        lines.append(f"| {x['model']} | {x['method']} | {ratio} | {calib} | {x['options']} | {ppl_s} | {vs_s} | {t_s} | {lr_s} | {x['safety']} | {'; '.join(t for t in (x['refit'], x['tuning']) if t)} |")
     (a.out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
