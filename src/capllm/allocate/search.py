@@ -130,11 +130,11 @@ def _search(run, cfg: SearchConfig, windows: torch.Tensor, held: torch.Tensor, h
         hi = [sum(pool[k] - base[k] for k in by_block[b]) for b in blocks]
         lo = [-n for n in block_base]
 
-        def write(kind: str, delta: list[int], changed) -> None:
+        def write_candidate(delta: list[int], changed) -> None:
             for j in changed:
                 for k in by_block[blocks[j]]:
                     share = level_share(base[k], pool[k], block_base[j], hi[j], delta[j])
-                    store.save_keep(linears[k].name, greedy_fill(run.load_key(k), _costs(segs[k]), share), kind=kind)
+                    store.save_keep(linears[k].name, greedy_fill(run.load_key(k), _costs(segs[k]), share), kind="keep-cand")
 
         changed_now: set[int] = set()
         cache = store.root / "search-hidden"  # the current best's input to every block, on disk
@@ -158,14 +158,16 @@ def _search(run, cfg: SearchConfig, windows: torch.Tensor, held: torch.Tensor, h
                 return masked_loss(ctx, lambda n: run.decision(n, kind="keep-search"), windows, on_block_input=keep_input("best"))
             for f in cache.glob("cand-*.pt"):  # a rejected candidate's inputs
                 f.unlink()
-            write("keep-cand", delta, pair)
+            write_candidate(delta, pair)
             changed_now.update(blocks[j] for j in pair)
             first["block"] = i0 = min(changed_now)
             return masked_loss(ctx, lambda n: run.decision(n, kind=kind_of(n)), windows, start=i0,
                                start_hidden=torch.load(cache / f"best-{i0}.pt") if i0 else None, on_block_input=keep_input("cand"))
 
         def accept(delta: list[int], pair: tuple[int, int]) -> None:
-            write("keep-search", delta, pair)
+            for j in pair:  # the candidate's masks, as scored, become the best's
+                for k in by_block[blocks[j]]:
+                    store.save_keep(linears[k].name, store.keep(linears[k].name, kind="keep-cand"), kind="keep-search")
             for f in cache.glob("cand-*.pt"):  # the blocks after the first changed one now see the candidate's inputs
                 f.replace(cache / f.name.replace("cand-", "best-"))
 
